@@ -1,0 +1,345 @@
+//! kache's configuration: the command line and an optional config file, merged
+//! into one validated [`Config`].
+//!
+//! ```text
+//!   defaults ──┐
+//!   --config ──┼──► merge ──► validate ──► Config { upstream, listener, admin }
+//!   flags    ──┘        (later wins)        (every error reported at once)
+//! ```
+//!
+//! This crate is plain data: it reads files, nothing else. The upstream's
+//! credentials are not interpreted here; the proxy hands the kubeconfig path
+//! and context to the `kube` crate.
+
+mod cli;
+mod file;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use cli::{Cli, Command, KubeconfigArgs, ServeArgs};
+pub use file::FileConfig;
+
+/// kubectl proxy's familiar port, so kubeconfigs written for it keep working.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
+/// Admin endpoints (health, metrics) live on their own port so the main
+/// listener stays a faithful mirror of the API server's paths.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// The API server's own limit on request headers (Go's `http.Server.MaxHeaderBytes`
+/// as set by the generic API server): 1 MiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 1 << 20;
+/// A client that has not sent its full request head by then is disconnected,
+/// so slow or stuck clients cannot pin connections forever.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The API server ends non-long-running requests after 60 s
+/// (`--request-timeout`); waiting longer than that for response headers
+/// only hides a dead upstream.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// A TCP+TLS handshake with a healthy API server takes milliseconds.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Host names a loopback proxy accepts by default, as `kubectl proxy --accept-hosts` does:
+/// a page served from elsewhere cannot reach kache through DNS rebinding.
+pub const DEFAULT_ACCEPT_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]", "::1"];
+
+/// The validated configuration of `kache serve`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub upstream: UpstreamConfig,
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+}
+
+/// Where the API server is and how to reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// Kubeconfig to read; `None` means `$KUBECONFIG`, `~/.kube/config`, then in-cluster.
+    pub kubeconfig: Option<PathBuf>,
+    /// Context in the kubeconfig; `None` means its current context.
+    pub context: Option<String>,
+    /// Longest wait for response headers of a request that is not long-running.
+    pub timeout: Duration,
+    /// Longest wait for a new connection to the API server.
+    pub connect_timeout: Duration,
+}
+
+/// The main (client-facing) listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// `Host` header names accepted; `*` accepts any.
+    pub accept_hosts: Vec<String>,
+    /// When set, clients must present `Authorization: Bearer <token>`.
+    pub access_token: Option<String>,
+}
+
+/// How the main listener gets its serving certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TlsConfig {
+    /// PEM files given by the user.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A self-signed certificate generated at start, kept in `dir` so that it
+    /// survives restarts and `kache kubeconfig` can embed it.
+    SelfSigned { dir: PathBuf },
+}
+
+/// The admin listener: `/livez`, `/readyz`, `/metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+}
+
+/// Everything wrong with a configuration, reported at once.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl TlsConfig {
+    /// Paths of the certificate and key this configuration serves with.
+    pub fn paths(&self) -> (PathBuf, PathBuf) {
+        match self {
+            TlsConfig::Files { cert, key } => (cert.clone(), key.clone()),
+            TlsConfig::SelfSigned { dir } => (dir.join("serving.crt"), dir.join("serving.key")),
+        }
+    }
+}
+
+/// Where kache keeps state that outlives a process (the generated certificate).
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("kache");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/kache"),
+        None => PathBuf::from(".kache"),
+    }
+}
+
+impl Config {
+    /// Merges defaults, the config file named by `--config` (if any) and the
+    /// flags, in that order, and validates the result.
+    ///
+    /// # Errors
+    /// Every problem found: unreadable or malformed file, unparsable
+    /// addresses, inconsistent TLS settings, unreadable token file.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileConfig::read(path).map_err(|e| ConfigError(vec![e]))?,
+            None => FileConfig::default(),
+        };
+        Config::merge(args, file)
+    }
+
+    /// Merges an already-read file with the flags (flags win) and validates.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn merge(args: &ServeArgs, file: FileConfig) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut addr = |what: &str, flag: &Option<String>, file: &Option<String>, default: &str| {
+            let raw = flag.as_deref().or(file.as_deref()).unwrap_or(default);
+            raw.parse::<SocketAddr>()
+                .map_err(|e| errors.push(format!("{what} {raw:?}: {e} (expected IP:PORT)")))
+                .ok()
+        };
+        let listen = addr("listen address", &args.listen, &file.listen, DEFAULT_LISTEN);
+        let admin = addr(
+            "admin listen address",
+            &args.admin_listen,
+            &file.admin_listen,
+            DEFAULT_ADMIN_LISTEN,
+        );
+
+        let tls_cert = args.tls_cert.clone().or(file.tls.cert.clone());
+        let tls_key = args.tls_key.clone().or(file.tls.key.clone());
+        let self_signed = args.tls || file.tls.self_signed.unwrap_or(false);
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(TlsConfig::Files { cert, key }),
+            (None, None) if self_signed => Some(TlsConfig::SelfSigned {
+                dir: args
+                    .state_dir
+                    .clone()
+                    .or(file.state_dir.clone())
+                    .unwrap_or_else(default_state_dir),
+            }),
+            (None, None) => None,
+            _ => {
+                errors.push("TLS needs both a certificate and a key (--tls-cert and --tls-key)".into());
+                None
+            }
+        };
+
+        let access_token = match args
+            .access_token_file
+            .as_ref()
+            .or(file.access_token_file.as_ref())
+        {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),
+                Ok(_) => {
+                    errors.push(format!("access token file {} is empty", path.display()));
+                    None
+                }
+                Err(e) => {
+                    errors.push(format!("access token file {}: {e}", path.display()));
+                    None
+                }
+            },
+            None => None,
+        };
+
+        let mut accept_hosts: Vec<String> = if !args.accept_hosts.is_empty() {
+            args.accept_hosts.clone()
+        } else if let Some(hosts) = &file.accept_hosts {
+            hosts.clone()
+        } else {
+            DEFAULT_ACCEPT_HOSTS.iter().map(|h| h.to_string()).collect()
+        };
+        accept_hosts.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
+        if accept_hosts.is_empty() {
+            errors.push("accept hosts must not be empty (use \"*\" to accept any Host)".into());
+        }
+
+        let max_header_bytes = file.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if max_header_bytes < 8192 {
+            errors.push(format!(
+                "maxHeaderBytes {max_header_bytes} is below the minimum of 8192"
+            ));
+        }
+        let secs = |v: Option<u64>, default: Duration| v.map(Duration::from_secs).unwrap_or(default);
+        let header_read_timeout = secs(file.header_read_timeout_seconds, DEFAULT_HEADER_READ_TIMEOUT);
+        let timeout = secs(file.upstream.timeout_seconds, DEFAULT_UPSTREAM_TIMEOUT);
+        let connect_timeout = secs(file.upstream.connect_timeout_seconds, DEFAULT_CONNECT_TIMEOUT);
+        for (name, value) in [
+            ("headerReadTimeoutSeconds", header_read_timeout),
+            ("upstream.timeoutSeconds", timeout),
+            ("upstream.connectTimeoutSeconds", connect_timeout),
+        ] {
+            if value.is_zero() {
+                errors.push(format!("{name} must be at least 1"));
+            }
+        }
+
+        match (listen, admin) {
+            (Some(listen), Some(admin)) if errors.is_empty() => {
+                if listen == admin {
+                    return Err(ConfigError(vec![format!(
+                        "listen and admin listen addresses are both {listen}"
+                    )]));
+                }
+                Ok(Config {
+                    upstream: UpstreamConfig {
+                        kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
+                        context: args.context.clone().or(file.context),
+                        timeout,
+                        connect_timeout,
+                    },
+                    listener: ListenerConfig {
+                        addr: listen,
+                        tls,
+                        header_read_timeout,
+                        max_header_bytes,
+                        accept_hosts,
+                        access_token,
+                    },
+                    admin: AdminConfig { addr: admin },
+                })
+            }
+            _ => Err(ConfigError(errors)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["kache", "serve"].iter().chain(args)).expect("valid flags");
+        match cli.command {
+            Command::Serve(args) => args,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_listen_on_loopback_without_tls() {
+        let config = Config::merge(&serve(&[]), FileConfig::default()).expect("valid");
+        assert_eq!(config.listener.addr.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.admin.addr.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(config.listener.tls, None);
+        assert_eq!(config.listener.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+        assert!(config.listener.accept_hosts.contains(&"localhost".to_string()));
+        assert_eq!(config.upstream.kubeconfig, None);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file: FileConfig =
+            serde_yaml::from_str("listen: 127.0.0.1:7000\ncontext: from-file\nkubeconfig: /file\n")
+                .expect("valid yaml");
+        let config =
+            Config::merge(&serve(&["--listen", "127.0.0.1:7001", "--context", "flag"]), file).expect("valid");
+        assert_eq!(config.listener.addr.port(), 7001);
+        assert_eq!(config.upstream.context.as_deref(), Some("flag"));
+        assert_eq!(config.upstream.kubeconfig, Some(PathBuf::from("/file")));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let file: FileConfig =
+            serde_yaml::from_str("maxHeaderBytes: 10\nupstream: {timeoutSeconds: 0}\n").expect("valid yaml");
+        let err =
+            Config::merge(&serve(&["--listen", "nonsense", "--tls-cert", "/c"]), file).expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 4, "{text}");
+        assert!(text.contains("nonsense"), "{text}");
+        assert!(text.contains("--tls-key"), "{text}");
+        assert!(text.contains("maxHeaderBytes"), "{text}");
+        assert!(text.contains("upstream.timeoutSeconds"), "{text}");
+    }
+
+    #[test]
+    fn unknown_file_fields_are_rejected() {
+        let err = serde_yaml::from_str::<FileConfig>("lisen: 127.0.0.1:1\n").expect_err("unknown field");
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn self_signed_tls_uses_the_state_dir() {
+        let config =
+            Config::merge(&serve(&["--tls", "--state-dir", "/s"]), FileConfig::default()).expect("valid");
+        let tls = config.listener.tls.expect("tls");
+        assert_eq!(
+            tls.paths(),
+            (PathBuf::from("/s/serving.crt"), PathBuf::from("/s/serving.key"))
+        );
+    }
+
+    #[test]
+    fn same_listen_and_admin_address_is_rejected() {
+        let err = Config::merge(
+            &serve(&["--listen", "127.0.0.1:9000", "--admin-listen", "127.0.0.1:9000"]),
+            FileConfig::default(),
+        )
+        .expect_err("clash");
+        assert!(err.to_string().contains("both"), "{err}");
+    }
+
+    #[test]
+    fn access_token_is_read_from_its_file() {
+        let path = std::env::temp_dir().join(format!("kache-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").expect("write");
+        let config = Config::merge(
+            &serve(&["--access-token-file", path.to_str().expect("utf-8")]),
+            FileConfig::default(),
+        )
+        .expect("valid");
+        std::fs::remove_file(&path).ok();
+        assert_eq!(config.listener.access_token.as_deref(), Some("s3cret"));
+    }
+}

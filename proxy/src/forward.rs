@@ -1,0 +1,241 @@
+//! Faithful forwarding: the request and response as they are, minus
+//! hop-by-hop headers and the client's credentials, plus
+//! `Accept-Encoding: identity`; upgrades (exec, attach, port-forward) spliced
+//! byte for byte once both sides switched protocols.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::Instrument;
+
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::upstream::{Exchange, Upstream};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// plus the de-facto `proxy-connection` and `keep-alive`.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether a request asks to switch protocols (SPDY or WebSocket).
+pub fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() <= Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && connection_tokens(request.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// With `keep_upgrade`, `Connection: Upgrade` and `Upgrade` survive.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    for name in named.iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if keep_upgrade {
+        if let Some(upgrade) = upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::UPGRADE, upgrade);
+        }
+    }
+}
+
+/// The request kache sends upstream for a client's request.
+pub fn upstream_request<B>(request: Request<B>, upgrade: bool) -> Request<Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let (mut parts, incoming) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // The upstream sees kache's own identity (from the kubeconfig), never the client's.
+    parts.headers.remove(header::AUTHORIZATION);
+    // `Host` named kache; the upstream's comes from its URL.
+    parts.headers.remove(header::HOST);
+    // Compression costs CPU on both ends of a loopback hop and hides nothing worth hiding.
+    parts
+        .headers
+        .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    // Only the path and query travel; the base-URI layer adds scheme and authority.
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map(|pq| http::Uri::from(pq.clone()))
+        .unwrap_or_else(|| http::Uri::from_static("/"));
+    // The upstream connection negotiates its own version.
+    parts.version = Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    Request::from_parts(parts, body::stream(incoming))
+}
+
+/// The response the client gets for the upstream's response.
+pub fn client_response(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, incoming) = response.into_parts();
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, switching);
+    parts.extensions = http::Extensions::new();
+    Response::from_parts(parts, body::stream(incoming))
+}
+
+/// Forwards a request and streams the answer back.
+///
+/// # Errors
+/// See [`Upstream::send`].
+pub async fn forward(
+    upstream: &Upstream,
+    mut request: Request<Incoming>,
+    long_running: bool,
+) -> Result<Response<Body>, ProxyError> {
+    if !is_upgrade(&request) {
+        let exchange = if long_running {
+            Exchange::LongRunning
+        } else {
+            Exchange::Short
+        };
+        let response = upstream.send(upstream_request(request, false), exchange).await?;
+        return Ok(client_response(response));
+    }
+
+    let client_upgrade = hyper::upgrade::on(&mut request);
+    let mut response = upstream
+        .send(upstream_request(request, true), Exchange::Upgrade)
+        .await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(client_response(response));
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    tokio::spawn(
+        async move {
+            let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::info!(%error, "upgrade abandoned");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded stream closed"),
+                Err(error) => tracing::debug!(%error, "upgraded stream ended"),
+            }
+        }
+        .in_current_span(),
+    );
+    Ok(client_response(response))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, x-trace"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "application/json"),
+            ("impersonate-user", "alice"),
+        ]);
+        strip_hop_by_hop(&mut map, false);
+        let left: Vec<_> = map.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept", "impersonate-user"]);
+    }
+
+    #[test]
+    fn upstream_requests_carry_no_client_credentials_and_ask_for_identity() {
+        let request = Request::builder()
+            .method("POST")
+            .uri("http://localhost:8001/api/v1/namespaces/a/pods?dryRun=All&fieldManager=x%2Fy")
+            .version(Version::HTTP_2)
+            .header(header::AUTHORIZATION, "Bearer client-token")
+            .header(header::ACCEPT_ENCODING, "gzip, deflate")
+            .header(header::HOST, "localhost:8001")
+            .header("impersonate-user", "alice")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .expect("request");
+        let sent = upstream_request(request, false);
+        assert_eq!(
+            sent.uri(),
+            "/api/v1/namespaces/a/pods?dryRun=All&fieldManager=x%2Fy"
+        );
+        assert_eq!(sent.method(), "POST");
+        assert_eq!(sent.version(), Version::HTTP_11);
+        assert!(!sent.headers().contains_key(header::AUTHORIZATION));
+        assert!(!sent.headers().contains_key(header::HOST));
+        assert_eq!(sent.headers()[header::ACCEPT_ENCODING], "identity");
+        assert_eq!(sent.headers()["impersonate-user"], "alice");
+    }
+
+    #[test]
+    fn websocket_and_spdy_requests_are_upgrades() {
+        let upgrade = |connection: &str, version: Version| {
+            let request = Request::builder()
+                .version(version)
+                .header(header::CONNECTION, connection)
+                .header(header::UPGRADE, "websocket")
+                .body(())
+                .expect("request");
+            is_upgrade(&request)
+        };
+        assert!(upgrade("Upgrade", Version::HTTP_11));
+        assert!(upgrade("keep-alive, upgrade", Version::HTTP_11));
+        assert!(!upgrade("keep-alive", Version::HTTP_11));
+        assert!(!upgrade("Upgrade", Version::HTTP_2));
+    }
+
+    #[test]
+    fn upgrade_headers_survive_only_for_upgrades() {
+        let original = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "SPDY/3.1"),
+            ("x-stream-protocol-version", "v4.channel.k8s.io"),
+        ]);
+        let mut kept = original.clone();
+        strip_hop_by_hop(&mut kept, true);
+        assert_eq!(kept[header::CONNECTION], "Upgrade");
+        assert_eq!(kept[header::UPGRADE], "SPDY/3.1");
+        assert_eq!(kept["x-stream-protocol-version"], "v4.channel.k8s.io");
+        let mut dropped = original;
+        strip_hop_by_hop(&mut dropped, false);
+        assert!(!dropped.contains_key(header::UPGRADE));
+        assert!(!dropped.contains_key(header::CONNECTION));
+    }
+}

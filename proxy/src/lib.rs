@@ -1,0 +1,177 @@
+//! kache's HTTP side: listeners, the request pipeline, forwarding, admin
+//! endpoints.
+//!
+//! ```text
+//!  clients ──► main listener (server.rs) ──► Pipeline (pipeline.rs)
+//!                                              identify ─ guard.rs
+//!                                              classify ─ kache_cache::RequestInfo
+//!                                              route    ─ forward.rs ──► Upstream (upstream.rs) ──► API server
+//!                                              respond  ─ error.rs / status.rs
+//!  operators ─► admin listener ──► admin.rs (/livez /readyz /metrics ◄── metrics.rs)
+//! ```
+
+pub mod admin;
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod guard;
+pub mod kubeconfig;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+pub mod status;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kache_config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::guard::LocalGuard;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::server::ListenerSettings;
+use crate::upstream::{Exchange, Upstream};
+
+/// Why kache could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("upstream: {0}")]
+    Upstream(#[from] upstream::SetupError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running kache: both listeners bound and serving.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded), and returns.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Binds both listeners and starts serving.
+///
+/// # Errors
+/// Unusable kubeconfig or certificates, addresses that cannot be bound.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let upstream = Upstream::from_config(&config.upstream).await?;
+    let tls = match &config.listener.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(tls)?)),
+        None => None,
+    };
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(config.listener.addr).await?;
+    let admin_listener = bind(config.admin.addr).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listener.addr,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.admin.addr,
+        source,
+    })?;
+
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    tracing::info!(
+        listen = %addr,
+        admin = %admin_addr,
+        upstream = %upstream.url(),
+        tls = tls.is_some(),
+        "kache serving"
+    );
+
+    let pipeline = Arc::new(Pipeline::new(
+        LocalGuard::new(&config.listener),
+        upstream.clone(),
+        metrics.clone(),
+    ));
+    let main = server::serve(
+        listener,
+        ListenerSettings {
+            name: "main",
+            tls,
+            header_read_timeout: config.listener.header_read_timeout,
+            max_header_bytes: config.listener.max_header_bytes,
+        },
+        move |peer, request| pipeline.clone().handle(peer, request),
+        shutdown_rx.clone(),
+    );
+    let admin_metrics = metrics.clone();
+    let admin = server::serve(
+        admin_listener,
+        ListenerSettings {
+            name: "admin",
+            tls: None,
+            header_read_timeout: config.listener.header_read_timeout,
+            max_header_bytes: kache_config::DEFAULT_MAX_HEADER_BYTES,
+        },
+        move |_peer, request| {
+            let response = admin::handle(&admin_metrics, &request);
+            async move { response }
+        },
+        shutdown_rx.clone(),
+    );
+    let tasks = vec![
+        tokio::spawn(main),
+        tokio::spawn(admin),
+        tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx)),
+    ];
+    Ok(Running {
+        addr,
+        admin_addr,
+        metrics,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Asks the API server for `/version` until it answers, so `/readyz` turns
+/// ready even before the first client request.
+async fn probe_until_ready(upstream: Upstream, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(200);
+    while !metrics.is_ready() {
+        let request = http::Request::get("/version")
+            .header(http::header::ACCEPT, "application/json")
+            .body(body::empty())
+            .expect("invariant: a static request is valid");
+        match upstream.send(request, Exchange::Short).await {
+            Ok(_) => metrics.mark_ready(),
+            Err(error) => tracing::warn!(%error, "API server not reachable yet"),
+        }
+        if metrics.is_ready() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

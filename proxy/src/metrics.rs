@@ -1,0 +1,144 @@
+//! Prometheus metrics, registered once, with bounded label sets: verbs,
+//! status codes and outcome names, never raw paths or client addresses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub verb: &'static str,
+    pub code: u16,
+    /// `forwarded`, `rejected` (by kache, before reaching the upstream) or `error` (upstream failure).
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct VerbLabels {
+    pub verb: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: &'static str,
+}
+
+/// Every metric kache exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response headers: for watches and upgrades, the time to start streaming.
+    pub duration: Family<VerbLabels, Histogram>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub in_flight: Gauge,
+    pub upstream_ready: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kache");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests answered on the main listener, by verb, status code and outcome",
+            requests.clone(),
+        );
+        let duration = Family::<VerbLabels, Histogram>::new_with_constructor(|| {
+            // 1 ms … ~16 s
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request to response headers, by verb",
+            duration.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register("errors", "kache's own error answers, by kind", errors.clone());
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "Requests being answered now",
+            in_flight.clone(),
+        );
+        let upstream_ready = Gauge::default();
+        registry.register(
+            "upstream_ready",
+            "1 once the API server has answered, else 0",
+            upstream_ready.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            errors,
+            in_flight,
+            upstream_ready,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Records that the API server answered (readiness).
+    pub fn mark_ready(&self) {
+        if !self.ready.swap(true, Ordering::Relaxed) {
+            self.upstream_ready.set(1);
+            tracing::info!("upstream answered: ready");
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("invariant: writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_metrics_name_verbs_and_codes() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                verb: "list",
+                code: 200,
+                outcome: "forwarded",
+            })
+            .inc();
+        metrics
+            .duration
+            .get_or_create(&VerbLabels { verb: "list" })
+            .observe(0.01);
+        metrics.mark_ready();
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"kache_http_requests_total{verb="list",code="200",outcome="forwarded"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("kache_http_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("kache_upstream_ready 1"), "{text}");
+    }
+}

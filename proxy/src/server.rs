@@ -1,0 +1,165 @@
+//! Listeners: the accept loop, TLS, HTTP/1.1 and HTTP/2 on one port, the
+//! limits that keep bad clients from hurting the process, and graceful
+//! shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use crate::body::Body;
+
+/// A client that has not finished its TLS handshake by then is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests get to finish at shutdown; watches never
+/// finish by themselves, so this is a bound, not a wait for all.
+const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connection-level settings of one listener.
+#[derive(Clone)]
+pub struct ListenerSettings {
+    pub name: &'static str,
+    pub tls: Option<TlsAcceptor>,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Serves `handler` on `listener` until `shutdown` turns true.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    settings: ListenerSettings,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    // Every connection task holds a clone of `open`; when all are dropped,
+    // `closed` yields None: the connections are gone.
+    let (open, mut closed) = mpsc::channel::<()>(1);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = settings.name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+        };
+        stream.set_nodelay(true).ok();
+        let settings = settings.clone();
+        let builder = builder.clone();
+        let handler = handler.clone();
+        let open = open.clone();
+        let shutdown = shutdown.clone();
+        let span = tracing::debug_span!("connection", listener = settings.name, client = %peer);
+        tokio::spawn(
+            async move {
+                let service = service_fn(move |request| {
+                    let response = handler(peer, request);
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
+                });
+                match settings.tls {
+                    None => serve_io(&builder, shutdown, stream, service).await,
+                    Some(acceptor) => {
+                        if let Some(tls) = tls_accept(&acceptor, stream).await {
+                            serve_io(&builder, shutdown, tls, service).await
+                        }
+                    }
+                }
+                drop(open);
+            }
+            .instrument(span),
+        );
+    }
+
+    drop(listener);
+    drop(open);
+    if tokio::time::timeout(GRACEFUL_SHUTDOWN_TIMEOUT, closed.recv())
+        .await
+        .is_err()
+    {
+        tracing::info!(
+            listener = settings.name,
+            "closing connections still open after the grace period"
+        );
+    }
+}
+
+async fn tls_accept(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}
+
+async fn serve_io<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    mut shutdown: watch::Receiver<bool>,
+    io: I,
+    service: S,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
+            // Finish in-flight requests, take no new ones.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        // Malformed requests, oversize headers, slow clients, resets: the
+        // connection ends (hyper answered 400/431 where it could); kache goes on.
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}

@@ -1,0 +1,205 @@
+//! The connection to the API server: TLS, credentials and base URL from a
+//! kubeconfig (through the `kube` crate), HTTP/2 when the server offers it.
+//!
+//! ```text
+//!   Request<Body> ─► BaseUri ─► Auth (token, token file, exec plugin) ─► ExtraHeaders ─► hyper client ─► API server
+//! ```
+//!
+//! Two connection pools: one that negotiates HTTP/2 (all ordinary requests
+//! multiplexed on few connections) and one HTTP/1.1-only for upgrades
+//! (exec, attach, port-forward), since HTTP/2 has no `Upgrade`.
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kache_config::UpstreamConfig;
+use kube::client::ConfigExt;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+
+use crate::body::{Body, BoxError};
+use crate::error::ProxyError;
+
+type HttpService = BoxCloneSyncService<Request<Body>, Response<Incoming>, BoxError>;
+
+/// The API server, ready to take requests.
+#[derive(Clone)]
+pub struct Upstream {
+    service: HttpService,
+    upgrade_service: HttpService,
+    url: http::Uri,
+    timeout: Duration,
+}
+
+/// Why an upstream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("reading kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("no usable kubeconfig or in-cluster configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("upstream TLS and credentials: {0}")]
+    Client(#[from] kube::Error),
+    #[error("the kubeconfig's proxy-url ({0}) is not supported; reach the API server directly")]
+    ProxyUrl(String),
+}
+
+/// How a request is sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchange {
+    /// Response headers expected within the configured timeout.
+    Short,
+    /// Watches, logs, proxying: the response may take as long as it likes.
+    LongRunning,
+    /// `Connection: Upgrade` (SPDY or WebSocket): HTTP/1.1 only, long-running.
+    Upgrade,
+}
+
+impl Upstream {
+    /// Reads the kubeconfig (or in-cluster configuration) and builds the client.
+    ///
+    /// # Errors
+    /// Unreadable kubeconfig, unknown context, bad certificates, unsupported proxy.
+    pub async fn from_config(config: &UpstreamConfig) -> Result<Upstream, SetupError> {
+        let options = KubeConfigOptions {
+            context: config.context.clone(),
+            ..KubeConfigOptions::default()
+        };
+        let kube_config = match (&config.kubeconfig, &config.context) {
+            (Some(path), _) => {
+                kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, &options).await?
+            }
+            (None, Some(_)) => kube::Config::from_kubeconfig(&options).await?,
+            (None, None) => kube::Config::infer().await?,
+        };
+        Upstream::from_kube_config(kube_config, config)
+    }
+
+    /// Builds the client from an already-resolved `kube::Config`.
+    ///
+    /// # Errors
+    /// Bad certificates or credentials, unsupported proxy.
+    pub fn from_kube_config(
+        kube_config: kube::Config,
+        config: &UpstreamConfig,
+    ) -> Result<Upstream, SetupError> {
+        if let Some(proxy) = &kube_config.proxy_url {
+            return Err(SetupError::ProxyUrl(proxy.to_string()));
+        }
+        let service = build_service(&kube_config, config, true)?;
+        let upgrade_service = build_service(&kube_config, config, false)?;
+        Ok(Upstream {
+            service,
+            upgrade_service,
+            url: kube_config.cluster_url.clone(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// The API server's URL, for logs.
+    pub fn url(&self) -> &http::Uri {
+        &self.url
+    }
+
+    /// Sends a request and returns the response head as soon as it arrives;
+    /// the body streams afterwards.
+    ///
+    /// # Errors
+    /// Unreachable server (nothing was sent), credentials that cannot be
+    /// obtained, a timeout waiting for response headers of a short request, or
+    /// a connection that broke during the exchange.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        exchange: Exchange,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let service = match exchange {
+            Exchange::Upgrade => self.upgrade_service.clone(),
+            Exchange::Short | Exchange::LongRunning => self.service.clone(),
+        };
+        let call = send_boxed(service, request);
+        let result = match exchange {
+            Exchange::Short => tokio::time::timeout(self.timeout, call)
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))?,
+            Exchange::LongRunning | Exchange::Upgrade => call.await,
+        };
+        result.map_err(classify_error)
+    }
+}
+
+/// Drives the service to readiness and calls it, as one boxed `Send` future
+/// (spelling the future out keeps higher-ranked lifetime inference happy).
+fn send_boxed(
+    mut service: HttpService,
+    request: Request<Body>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, BoxError>> + Send>> {
+    Box::pin(async move {
+        std::future::poll_fn(|cx| tower::Service::poll_ready(&mut service, cx)).await?;
+        tower::Service::call(&mut service, request).await
+    })
+}
+
+/// Sorts a client error into what the client is told: nothing reached the
+/// API server (503, retry), credentials failed (503), or the exchange broke (502).
+fn classify_error(error: BoxError) -> ProxyError {
+    if let Some(hyper_error) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
+        if hyper_error.is_connect() {
+            return ProxyError::UpstreamUnreachable(error);
+        }
+        return ProxyError::UpstreamFailed(error);
+    }
+    // Anything else comes from the auth layer (token file, exec plugin).
+    ProxyError::UpstreamCredentials(error)
+}
+
+fn build_service(
+    kube_config: &kube::Config,
+    config: &UpstreamConfig,
+    allow_http2: bool,
+) -> Result<HttpService, SetupError> {
+    let tls = kube_config.rustls_client_config()?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(30)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let builder = match &kube_config.tls_server_name {
+        Some(name) => {
+            let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+                SetupError::Client(kube::Error::Service(
+                    format!("invalid tls-server-name: {e}").into(),
+                ))
+            })?;
+            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    let connector = if allow_http2 {
+        builder.enable_http1().enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
+    let client: Client<_, Body> = Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(20))
+        .http2_keep_alive_while_idle(true)
+        .build(connector);
+    let service = ServiceBuilder::new()
+        .layer(kube_config.base_uri_layer())
+        .option_layer(kube_config.auth_layer()?)
+        .layer(kube_config.extra_headers_layer()?)
+        .map_err(BoxError::from)
+        .service(client);
+    Ok(BoxCloneSyncService::new(service))
+}
