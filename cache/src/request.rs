@@ -276,8 +276,19 @@ mod tests {
     /// Cases from the API server's own `TestGetAPIRequestInfo` table.
     #[test]
     fn resource_requests_match_the_api_servers_table() {
+        type Case = (
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+        );
         #[rustfmt::skip]
-        let cases: &[(&str, &str, &str, &str, &str, &str, &str, &str, &str)] = &[
+        let cases: &[Case] = &[
             // method, url, verb, prefix, group, version, namespace, resource, name / subresource
             ("GET", "/api/v1/namespaces", "list", "api", "", "v1", "", "namespaces", ""),
             ("GET", "/api/v1/namespaces/other", "get", "api", "", "v1", "other", "namespaces", "other"),

@@ -225,7 +225,7 @@ impl Config {
 
         match (listen, admin) {
             (Some(listen), Some(admin)) if errors.is_empty() => {
-                if listen == admin {
+                if listen == admin && listen.port() != 0 {
                     return Err(ConfigError(vec![format!(
                         "listen and admin listen addresses are both {listen}"
                     )]));

@@ -74,7 +74,7 @@ impl LocalGuard {
             return true;
         }
         let host = strip_port(host_and_port).to_ascii_lowercase();
-        self.accept_hosts.iter().any(|accepted| *accepted == host)
+        self.accept_hosts.contains(&host)
     }
 }
 
