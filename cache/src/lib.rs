@@ -1,15 +1,23 @@
-//! kache's model of the Kubernetes API, independent of any HTTP server.
+//! kache's model of the Kubernetes API and the caches that answer from it,
+//! independent of any HTTP server.
 //!
 //! ```text
 //!   method + path + query ──► request::RequestInfo::parse ──► { verb, group, version,
 //!                                                               resource, namespace, name,
 //!                                                               subresource, read options }
+//!
+//!   discovery::Discovery ◄── watches CRDs + APIServices ──┐
+//!     answers /api, /apis, /openapi, /version             ├── upstream::ApiClient (the proxy's
+//!     resources(group, version) → the catalogue           │   connection, or a fake in tests)
+//!                                        fetches misses ──┘
 //! ```
 //!
 //! The proxy's classify stage is a thin wrapper around [`RequestInfo::parse`];
 //! keeping it here, pure and free of I/O, lets the cache key its stores by the
 //! same vocabulary and lets the parser be tested and fuzzed on its own.
 
+pub mod discovery;
 pub mod request;
+pub mod upstream;
 
 pub use request::{ReadOptions, RequestInfo, Verb};

@@ -17,6 +17,7 @@ use serde::Deserialize;
 /// headerReadTimeoutSeconds: 30
 /// tls: {cert: /etc/kache/tls.crt, key: /etc/kache/tls.key}
 /// upstream: {timeoutSeconds: 60, connectTimeoutSeconds: 10}
+/// discovery: {enabled: true, maxAgeSeconds: 600}
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -34,6 +35,15 @@ pub struct FileConfig {
     pub tls: FileTls,
     #[serde(default)]
     pub upstream: FileUpstream,
+    #[serde(default)]
+    pub discovery: FileDiscovery,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileDiscovery {
+    pub enabled: Option<bool>,
+    pub max_age_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

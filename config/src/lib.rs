@@ -40,6 +40,10 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host names a loopback proxy accepts by default, as `kubectl proxy --accept-hosts` does:
 /// a page served from elsewhere cannot reach kache through DNS rebinding.
+/// Safety net behind the CRD/APIService watches: even with no change seen,
+/// discovery entries are refetched after this long. kubectl's own disk cache
+/// trusts discovery for 10 minutes (6 hours in recent versions).
+pub const DEFAULT_DISCOVERY_MAX_AGE: Duration = Duration::from_secs(600);
 pub const DEFAULT_ACCEPT_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]", "::1"];
 
 /// The validated configuration of `kache serve`.
@@ -48,6 +52,25 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+/// The discovery cache (`/api`, `/apis`, `/openapi/*`, `/version`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveryConfig {
+    /// When false, discovery is forwarded like any other request.
+    pub enabled: bool,
+    /// Entries older than this are refetched even if no change was seen.
+    pub max_age: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            enabled: true,
+            max_age: DEFAULT_DISCOVERY_MAX_AGE,
+        }
+    }
 }
 
 /// Where the API server is and how to reach it.
@@ -213,7 +236,12 @@ impl Config {
         let header_read_timeout = secs(file.header_read_timeout_seconds, DEFAULT_HEADER_READ_TIMEOUT);
         let timeout = secs(file.upstream.timeout_seconds, DEFAULT_UPSTREAM_TIMEOUT);
         let connect_timeout = secs(file.upstream.connect_timeout_seconds, DEFAULT_CONNECT_TIMEOUT);
+        let discovery = DiscoveryConfig {
+            enabled: file.discovery.enabled.unwrap_or(true),
+            max_age: secs(file.discovery.max_age_seconds, DEFAULT_DISCOVERY_MAX_AGE),
+        };
         for (name, value) in [
+            ("discovery.maxAgeSeconds", discovery.max_age),
             ("headerReadTimeoutSeconds", header_read_timeout),
             ("upstream.timeoutSeconds", timeout),
             ("upstream.connectTimeoutSeconds", connect_timeout),
@@ -246,6 +274,7 @@ impl Config {
                         access_token,
                     },
                     admin: AdminConfig { addr: admin },
+                    discovery,
                 })
             }
             _ => Err(ConfigError(errors)),

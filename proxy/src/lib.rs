@@ -5,7 +5,8 @@
 //!  clients ──► main listener (server.rs) ──► Pipeline (pipeline.rs)
 //!                                              identify ─ guard.rs
 //!                                              classify ─ kache_cache::RequestInfo
-//!                                              route    ─ forward.rs ──► Upstream (upstream.rs) ──► API server
+//!                                              route    ─ kache_cache::Discovery (memory)
+//!                                                         forward.rs ──► Upstream (upstream.rs) ──► API server
 //!                                              respond  ─ error.rs / status.rs
 //!  operators ─► admin listener ──► admin.rs (/livez /readyz /metrics ◄── metrics.rs)
 //! ```
@@ -27,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kache_cache::discovery::{Discovery, DiscoveryMetrics};
 use kache_config::Config;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -97,7 +99,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
 
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    let discovery_metrics = DiscoveryMetrics::register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let discovery = Discovery::new(
+        Arc::new(upstream.clone()),
+        config.discovery.clone(),
+        discovery_metrics,
+    );
     let (shutdown, shutdown_rx) = watch::channel(false);
     tracing::info!(
         listen = %addr,
@@ -109,6 +118,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let pipeline = Arc::new(Pipeline::new(
         LocalGuard::new(&config.listener),
+        discovery.clone(),
         upstream.clone(),
         metrics.clone(),
     ));
@@ -141,7 +151,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tasks = vec![
         tokio::spawn(main),
         tokio::spawn(admin),
-        tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx)),
+        tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx.clone())),
+        tokio::spawn(until_shutdown(discovery.run(), shutdown_rx)),
     ];
     Ok(Running {
         addr,
@@ -150,6 +161,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown,
         tasks,
     })
+}
+
+/// Runs a background loop until shutdown.
+async fn until_shutdown(task: impl std::future::Future<Output = ()>, mut shutdown: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = task => {}
+        _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {}
+    }
 }
 
 /// Asks the API server for `/version` until it answers, so `/readyz` turns

@@ -14,7 +14,8 @@ use prometheus_client::registry::Registry;
 pub struct RequestLabels {
     pub verb: &'static str,
     pub code: u16,
-    /// `forwarded`, `rejected` (by kache, before reaching the upstream) or `error` (upstream failure).
+    /// `forwarded`, `discovery` (answered by the discovery cache), `rejected` (by kache, before
+    /// reaching the upstream) or `error` (upstream failure).
     pub outcome: &'static str,
 }
 
@@ -87,6 +88,11 @@ impl Metrics {
             upstream_ready,
             ready: AtomicBool::new(false),
         }
+    }
+
+    /// The registry, for components that register their own metrics at start.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
     }
 
     /// Records that the API server answered (readiness).

@@ -2,9 +2,9 @@
 //! request continue or answers it (`ControlFlow::Break`).
 //!
 //! ```text
-//!   accept (server.rs) ─► identify ─► classify ─► route ─► respond
-//!                         guard       RequestInfo  forward   Status on errors,
-//!                                                            bodies streamed
+//!   accept (server.rs) ─► identify ─► classify ─► route ────────────► respond
+//!                         guard       RequestInfo  discovery cache    Status on errors,
+//!                                                  else forward       bodies streamed
 //! ```
 
 use std::net::SocketAddr;
@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use kache_cache::discovery::{self, Discovery};
 use kache_cache::RequestInfo;
 use tracing::{field, Instrument};
 
@@ -27,14 +28,21 @@ use crate::upstream::Upstream;
 /// Everything a request needs, shared by all connections.
 pub struct Pipeline {
     guard: LocalGuard,
+    discovery: Discovery,
     upstream: Upstream,
     metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
-    pub fn new(guard: LocalGuard, upstream: Upstream, metrics: Arc<Metrics>) -> Pipeline {
+    pub fn new(
+        guard: LocalGuard,
+        discovery: Discovery,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+    ) -> Pipeline {
         Pipeline {
             guard,
+            discovery,
             upstream,
             metrics,
         }
@@ -85,7 +93,11 @@ impl Pipeline {
         // classify: what the API server would call this request.
         let info = classify(&request);
         let verb = info.verb().as_str();
-        // route: for now, everything is forwarded (the caches will answer first here).
+        // route: discovery from its cache; everything else to the upstream.
+        let request = match self.route_discovery(request, &info).await {
+            ControlFlow::Break(response) => return (verb, "discovery", response),
+            ControlFlow::Continue(request) => request,
+        };
         // respond: stream the upstream's answer, or a Status for kache's own failures.
         match forward::forward(&self.upstream, request, info.is_long_running()).await {
             Ok(response) => {
@@ -93,6 +105,30 @@ impl Pipeline {
                 (verb, "forwarded", response)
             }
             Err(error) => (verb, "error", self.fail(&error)),
+        }
+    }
+
+    /// Answers discovery from memory where the cache can; hands the request
+    /// back otherwise (not discovery, cache out of sync, fetch failed).
+    async fn route_discovery(
+        &self,
+        request: Request<Incoming>,
+        info: &RequestInfo,
+    ) -> ControlFlow<Response<Body>, Request<Incoming>> {
+        if info.is_resource_request || discovery::classify_path(request.uri().path()).is_none() {
+            return ControlFlow::Continue(request);
+        }
+        let (parts, body) = request.into_parts();
+        match self.discovery.serve(&parts).await {
+            Some(Ok(response)) => {
+                self.metrics.mark_ready();
+                ControlFlow::Break(response.map(crate::body::full))
+            }
+            Some(Err(error)) => {
+                tracing::debug!(%error, "discovery fetch failed; forwarding");
+                ControlFlow::Continue(Request::from_parts(parts, body))
+            }
+            None => ControlFlow::Continue(Request::from_parts(parts, body)),
         }
     }
 

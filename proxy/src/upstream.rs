@@ -11,10 +11,14 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::TryStreamExt;
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use kache_cache::upstream::{BoxFuture, ByteStream, FetchError};
 use kache_config::UpstreamConfig;
 use kube::client::ConfigExt;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -129,6 +133,40 @@ impl Upstream {
             Exchange::LongRunning | Exchange::Upgrade => call.await,
         };
         result.map_err(classify_error)
+    }
+}
+
+/// The caches' view of the upstream: whole responses for discovery, streams for watches.
+impl kache_cache::upstream::ApiClient for Upstream {
+    fn fetch(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
+        Box::pin(async move {
+            let response = self
+                .send(request.map(|()| crate::body::empty()), Exchange::Short)
+                .await
+                .map_err(|e| FetchError(e.to_string()))?;
+            let (parts, body) = response.into_parts();
+            let bytes = tokio::time::timeout(self.timeout, body.collect())
+                .await
+                .map_err(|_| FetchError(format!("response body not complete within {:?}", self.timeout)))?
+                .map_err(|e| FetchError(format!("reading the response: {e}")))?
+                .to_bytes();
+            Ok(Response::from_parts(parts, bytes))
+        })
+    }
+
+    fn stream(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
+        Box::pin(async move {
+            let response = self
+                .send(request.map(|()| crate::body::empty()), Exchange::LongRunning)
+                .await
+                .map_err(|e| FetchError(e.to_string()))?;
+            Ok(response.map(|body| {
+                Box::pin(
+                    body.into_data_stream()
+                        .map_err(|e| FetchError(format!("reading the stream: {e}"))),
+                ) as ByteStream
+            }))
+        })
     }
 }
 
