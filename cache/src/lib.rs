@@ -18,6 +18,7 @@
 
 pub mod discovery;
 pub mod request;
+pub mod store;
 pub mod upstream;
 
 pub use request::{ReadOptions, RequestInfo, Verb};

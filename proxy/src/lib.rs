@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod coalesce;
 pub mod error;
 pub mod forward;
 pub mod guard;
