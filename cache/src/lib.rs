@@ -17,7 +17,11 @@
 //! same vocabulary and lets the parser be tested and fuzzed on its own.
 
 pub mod discovery;
+pub mod reads;
+pub mod reflector;
 pub mod request;
+pub mod resources;
+pub mod selector;
 pub mod store;
 pub mod upstream;
 

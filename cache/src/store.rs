@@ -230,6 +230,7 @@ pub struct Store {
     notices: broadcast::Sender<Notice>,
     version: watch::Sender<u64>,
     window: usize,
+    backlog: usize,
 }
 
 /// A point-in-time view for a LIST.
@@ -258,6 +259,7 @@ impl Store {
             notices,
             version,
             window: window.max(1),
+            backlog: backlog.max(1),
         }
     }
 
@@ -269,6 +271,11 @@ impl Store {
         self.state
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Notices buffered per watcher: one further behind has lost events.
+    pub fn backlog(&self) -> usize {
+        self.backlog
     }
 
     pub fn is_synced(&self) -> bool {
@@ -362,13 +369,15 @@ impl Store {
             return;
         }
         state.resource_version = resource_version;
-        if state.events.is_empty() {
-            // Nothing happened between the old window start and here.
-            state.window_start = resource_version;
-        }
         let _ = self.notices.send(Notice::Progress(resource_version));
         drop(state);
         self.version.send_replace(resource_version);
+    }
+
+    /// Marks the store synced again after its reflector resumed watching
+    /// from the store's version (nothing was missed).
+    pub(crate) fn mark_synced(&self) {
+        self.write().synced = true;
     }
 
     /// Marks the store unsynced (its reflector lost the upstream): readers

@@ -18,6 +18,8 @@ use serde::Deserialize;
 /// tls: {cert: /etc/kache/tls.crt, key: /etc/kache/tls.key}
 /// upstream: {timeoutSeconds: 60, connectTimeoutSeconds: 10}
 /// discovery: {enabled: true, maxAgeSeconds: 600}
+/// cache: {enabled: true, memoryBudgetBytes: 2147483648, idleTimeoutSeconds: 900}
+/// limits: {maxInFlight: 400, default: {queueLength: 50}}   # see limits.rs
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -37,6 +39,23 @@ pub struct FileConfig {
     pub upstream: FileUpstream,
     #[serde(default)]
     pub discovery: FileDiscovery,
+    #[serde(default)]
+    pub cache: FileCache,
+    #[serde(default)]
+    pub limits: crate::limits::FileLimits,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileCache {
+    pub enabled: Option<bool>,
+    pub sync_timeout_seconds: Option<u64>,
+    pub fresh_timeout_seconds: Option<u64>,
+    pub idle_timeout_seconds: Option<u64>,
+    pub memory_budget_bytes: Option<usize>,
+    pub event_window: Option<usize>,
+    pub watcher_backlog: Option<usize>,
+    pub bookmark_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

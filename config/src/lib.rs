@@ -13,6 +13,7 @@
 
 mod cli;
 mod file;
+mod limits;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +21,11 @@ use std::time::Duration;
 
 pub use cli::{Cli, Command, KubeconfigArgs, ServeArgs};
 pub use file::FileConfig;
+pub use limits::{
+    ClassConfig, ClassLimits, ClientMatch, FileLimits, LimitsConfig, DEFAULT_CLASS, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT_PER_CLIENT, DEFAULT_MAX_LONG_RUNNING_PER_CLIENT, DEFAULT_QUEUE_LENGTH,
+    DEFAULT_QUEUE_TIMEOUT, EXEMPT_CLASS,
+};
 
 /// kubectl proxy's familiar port, so kubeconfigs written for it keep working.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
@@ -53,6 +59,64 @@ pub struct Config {
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
     pub discovery: DiscoveryConfig,
+    /// Concurrency limits and fair queueing of requests that reach the API server.
+    pub limits: LimitsConfig,
+    pub cache: CacheConfig,
+}
+
+/// The watch-fed object cache (`resourceVersion=0` reads, watches).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// When false, every resource read is forwarded.
+    pub enabled: bool,
+    /// How long a read waits for a resource's first list before it is forwarded.
+    pub sync_timeout: Duration,
+    /// How long a `resourceVersion=N` read waits for the store to reach N.
+    pub fresh_timeout: Duration,
+    /// A resource nobody read or watched for this long stops being watched.
+    pub idle_timeout: Duration,
+    /// Bytes of objects held across all resources; past it, the least
+    /// recently used resources are dropped and their reads forwarded.
+    pub memory_budget_bytes: usize,
+    /// Recent events kept per resource for watches that resume.
+    pub event_window: usize,
+    /// Events buffered per watcher before it is ended as too slow.
+    pub watcher_backlog: usize,
+    /// How often watchers that asked for bookmarks get one.
+    pub bookmark_interval: Duration,
+}
+
+/// A first list of a typical resource takes well under a second; a read
+/// should not wait much longer than forwarding it would take.
+pub const DEFAULT_CACHE_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+/// The API server's own cacher waits up to 3 s for a requested version.
+pub const DEFAULT_CACHE_FRESH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Informers re-list and re-watch within minutes; a resource untouched for
+/// 15 minutes is not worth a watch.
+pub const DEFAULT_CACHE_IDLE_TIMEOUT: Duration = Duration::from_secs(900);
+/// 2 GiB: the watch caches of a large API server hold a few GiB.
+pub const DEFAULT_CACHE_MEMORY_BUDGET: usize = 2 << 30;
+/// Ten times the API server's default watch cache size (100) per resource:
+/// watches resuming after a short disconnect rarely need more.
+pub const DEFAULT_CACHE_EVENT_WINDOW: usize = 1000;
+/// Per watcher; a watcher this far behind is ended so its client relists.
+pub const DEFAULT_CACHE_WATCHER_BACKLOG: usize = 1024;
+/// The API server sends bookmarks about once a minute.
+pub const DEFAULT_CACHE_BOOKMARK_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            sync_timeout: DEFAULT_CACHE_SYNC_TIMEOUT,
+            fresh_timeout: DEFAULT_CACHE_FRESH_TIMEOUT,
+            idle_timeout: DEFAULT_CACHE_IDLE_TIMEOUT,
+            memory_budget_bytes: DEFAULT_CACHE_MEMORY_BUDGET,
+            event_window: DEFAULT_CACHE_EVENT_WINDOW,
+            watcher_backlog: DEFAULT_CACHE_WATCHER_BACKLOG,
+            bookmark_interval: DEFAULT_CACHE_BOOKMARK_INTERVAL,
+        }
+    }
 }
 
 /// The discovery cache (`/api`, `/apis`, `/openapi/*`, `/version`).
@@ -240,7 +304,30 @@ impl Config {
             enabled: file.discovery.enabled.unwrap_or(true),
             max_age: secs(file.discovery.max_age_seconds, DEFAULT_DISCOVERY_MAX_AGE),
         };
+        let limits = file.limits.validate(&mut errors);
+        let c = &file.cache;
+        let cache = CacheConfig {
+            enabled: c.enabled.unwrap_or(true),
+            sync_timeout: secs(c.sync_timeout_seconds, DEFAULT_CACHE_SYNC_TIMEOUT),
+            fresh_timeout: secs(c.fresh_timeout_seconds, DEFAULT_CACHE_FRESH_TIMEOUT),
+            idle_timeout: secs(c.idle_timeout_seconds, DEFAULT_CACHE_IDLE_TIMEOUT),
+            memory_budget_bytes: c.memory_budget_bytes.unwrap_or(DEFAULT_CACHE_MEMORY_BUDGET),
+            event_window: c.event_window.unwrap_or(DEFAULT_CACHE_EVENT_WINDOW),
+            watcher_backlog: c.watcher_backlog.unwrap_or(DEFAULT_CACHE_WATCHER_BACKLOG),
+            bookmark_interval: secs(c.bookmark_interval_seconds, DEFAULT_CACHE_BOOKMARK_INTERVAL),
+        };
         for (name, value) in [
+            ("cache.eventWindow", cache.event_window),
+            ("cache.watcherBacklog", cache.watcher_backlog),
+        ] {
+            if value == 0 {
+                errors.push(format!("{name} must be at least 1"));
+            }
+        }
+        for (name, value) in [
+            ("cache.syncTimeoutSeconds", cache.sync_timeout),
+            ("cache.idleTimeoutSeconds", cache.idle_timeout),
+            ("cache.bookmarkIntervalSeconds", cache.bookmark_interval),
             ("discovery.maxAgeSeconds", discovery.max_age),
             ("headerReadTimeoutSeconds", header_read_timeout),
             ("upstream.timeoutSeconds", timeout),
@@ -275,6 +362,8 @@ impl Config {
                     },
                     admin: AdminConfig { addr: admin },
                     discovery,
+                    cache,
+                    limits,
                 })
             }
             _ => Err(ConfigError(errors)),

@@ -5,11 +5,20 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
+use kache_cache::resources::Cache;
+
 use crate::body::{full, Body};
 use crate::metrics::Metrics;
 
+/// What the admin endpoints read.
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub cache: Cache,
+}
+
 /// Answers an admin request.
-pub fn handle<B>(metrics: &Arc<Metrics>, request: &Request<B>) -> Response<Body> {
+pub fn handle<B>(state: &AdminState, request: &Request<B>) -> Response<Body> {
+    let metrics = &state.metrics;
     let (code, content_type, text) = match request.uri().path() {
         "/livez" | "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", "ok".to_string()),
         "/readyz" if metrics.is_ready() => (StatusCode::OK, "text/plain; charset=utf-8", "ok".to_string()),
@@ -17,6 +26,11 @@ pub fn handle<B>(metrics: &Arc<Metrics>, request: &Request<B>) -> Response<Body>
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain; charset=utf-8",
             "the API server has not answered yet".to_string(),
+        ),
+        "/debug/cache" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&state.cache.debug_view()).expect("invariant: a Value serializes"),
         ),
         "/metrics" => (
             StatusCode::OK,
@@ -40,19 +54,54 @@ pub fn handle<B>(metrics: &Arc<Metrics>, request: &Request<B>) -> Response<Body>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kache_cache::discovery::{Discovery, DiscoveryMetrics};
+    use kache_cache::resources::CacheMetrics;
+    use kache_cache::upstream::{ApiClient, BoxFuture, ByteStream, FetchError};
 
-    fn get(metrics: &Arc<Metrics>, path: &str) -> StatusCode {
-        handle(metrics, &Request::get(path).body(()).expect("request")).status()
+    /// An upstream that is never reached.
+    struct Unreachable;
+
+    impl ApiClient for Unreachable {
+        fn fetch(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<bytes::Bytes>, FetchError>> {
+            Box::pin(async { Err(FetchError("unreachable".into())) })
+        }
+        fn stream(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
+            Box::pin(async { Err(FetchError("unreachable".into())) })
+        }
     }
 
-    #[test]
-    fn readiness_follows_the_upstream() {
-        let metrics = Arc::new(Metrics::new());
-        assert_eq!(get(&metrics, "/livez"), 200);
-        assert_eq!(get(&metrics, "/readyz"), 503);
-        metrics.mark_ready();
-        assert_eq!(get(&metrics, "/readyz"), 200);
-        assert_eq!(get(&metrics, "/metrics"), 200);
-        assert_eq!(get(&metrics, "/nope"), 404);
+    fn state() -> AdminState {
+        let client: Arc<dyn ApiClient> = Arc::new(Unreachable);
+        let discovery = Discovery::new(client.clone(), Default::default(), DiscoveryMetrics::default());
+        AdminState {
+            metrics: Arc::new(Metrics::new()),
+            cache: Cache::new(client, discovery, Default::default(), CacheMetrics::default()),
+        }
+    }
+
+    fn get(state: &AdminState, path: &str) -> Response<Body> {
+        handle(state, &Request::get(path).body(()).expect("request"))
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_upstream() {
+        let state = state();
+        assert_eq!(get(&state, "/livez").status(), 200);
+        assert_eq!(get(&state, "/readyz").status(), 503);
+        state.metrics.mark_ready();
+        assert_eq!(get(&state, "/readyz").status(), 200);
+        assert_eq!(get(&state, "/metrics").status(), 200);
+        assert_eq!(get(&state, "/nope").status(), 404);
+    }
+
+    #[tokio::test]
+    async fn the_cache_debug_view_is_json() {
+        use http_body_util::BodyExt;
+        let response = get(&state(), "/debug/cache");
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        let view: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(view["resources"], serde_json::json!([]));
+        assert_eq!(view["enabled"], true);
     }
 }

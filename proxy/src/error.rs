@@ -2,10 +2,12 @@
 //! responses. Error responses of the API server are not kache errors: they
 //! are forwarded byte for byte.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Response, StatusCode};
 
+use crate::admit::RejectReason;
 use crate::body::{Body, BoxError};
 use crate::status;
 
@@ -28,6 +30,15 @@ pub enum ProxyError {
     Unauthorized,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The admit stage's concurrency limits said no (a queue was full, a wait
+    /// timed out, too many long-running requests).
+    #[error("too many requests, please try again later: {reason} (priority class {class:?})")]
+    TooManyRequests {
+        reason: RejectReason,
+        class: Arc<str>,
+        /// Seconds, for `Retry-After` and `details.retryAfterSeconds`.
+        retry_after: u32,
+    },
     #[error("the API server is unreachable: {0}")]
     UpstreamUnreachable(#[source] BoxError),
     #[error("the API server did not answer within {0:?}")]
@@ -48,7 +59,8 @@ impl ProxyError {
             ProxyError::HostNotAccepted(_)
             | ProxyError::CrossOrigin(_)
             | ProxyError::Unauthorized
-            | ProxyError::BadRequest(_) => ErrorSource::Downstream,
+            | ProxyError::BadRequest(_)
+            | ProxyError::TooManyRequests { .. } => ErrorSource::Downstream,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::UpstreamCredentials(_)
@@ -61,6 +73,7 @@ impl ProxyError {
             ProxyError::HostNotAccepted(_) | ProxyError::CrossOrigin(_) => StatusCode::FORBIDDEN,
             ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamCredentials(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -76,6 +89,7 @@ impl ProxyError {
             ProxyError::CrossOrigin(_) => "cross_origin",
             ProxyError::Unauthorized => "unauthorized",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::TooManyRequests { .. } => "too_many_requests",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpstreamCredentials(_) => "upstream_credentials",
@@ -93,6 +107,7 @@ pub fn rescue(error: &ProxyError) -> Response<Body> {
     }
     let retry_after = match error {
         ProxyError::UpstreamUnreachable(_) => Some(UNREACHABLE_RETRY_AFTER_SECONDS),
+        ProxyError::TooManyRequests { retry_after, .. } => Some(*retry_after),
         _ => None,
     };
     status::failure(code, &error.to_string(), retry_after)
@@ -102,6 +117,14 @@ pub fn rescue(error: &ProxyError) -> Response<Body> {
 mod tests {
     use super::*;
 
+    fn too_many(reason: RejectReason, retry_after: u32) -> ProxyError {
+        ProxyError::TooManyRequests {
+            reason,
+            class: "default".into(),
+            retry_after,
+        }
+    }
+
     #[test]
     fn every_error_maps_to_the_api_servers_code() {
         let io = || -> BoxError { "boom".into() };
@@ -110,6 +133,7 @@ mod tests {
             (ProxyError::CrossOrigin("https://evil".into()), 403),
             (ProxyError::Unauthorized, 401),
             (ProxyError::BadRequest("x".into()), 400),
+            (too_many(RejectReason::QueueFull, 1), 429),
             (ProxyError::UpstreamUnreachable(io()), 503),
             (ProxyError::UpstreamCredentials(io()), 503),
             (ProxyError::UpstreamTimeout(Duration::from_secs(1)), 504),
@@ -120,9 +144,46 @@ mod tests {
             assert_eq!(response.status().as_u16(), code, "{error}");
             assert_eq!(
                 response.headers().contains_key(http::header::RETRY_AFTER),
-                matches!(error, ProxyError::UpstreamUnreachable(_)),
+                matches!(
+                    error,
+                    ProxyError::UpstreamUnreachable(_) | ProxyError::TooManyRequests { .. }
+                ),
                 "{error}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn rejections_by_the_limits_are_429_status_with_retry_after_and_the_reason() {
+        use http_body_util::BodyExt;
+        for (reason, retry_after, says) in [
+            (RejectReason::QueueFull, 1, "queue is full"),
+            (RejectReason::Timeout, 1, "waited too long"),
+            (
+                RejectReason::LongRunningLimit,
+                5,
+                "too many long-running requests",
+            ),
+        ] {
+            let response = rescue(&too_many(reason, retry_after));
+            assert_eq!(response.status(), 429);
+            assert_eq!(
+                response.headers()[http::header::RETRY_AFTER],
+                retry_after.to_string()
+            );
+            let bytes = response.into_body().collect().await.expect("body").to_bytes();
+            let status: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+            assert_eq!(status["kind"], "Status");
+            assert_eq!(status["reason"], "TooManyRequests");
+            assert_eq!(status["code"], 429);
+            assert_eq!(status["details"]["retryAfterSeconds"], retry_after);
+            let message = status["message"].as_str().expect("message");
+            assert!(
+                message.starts_with("too many requests, please try again later"),
+                "{message}"
+            );
+            assert!(message.contains(says), "{message}");
+            assert!(message.contains("\"default\""), "{message}");
         }
     }
 }

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod admin;
+pub mod admit;
 pub mod body;
 pub mod coalesce;
 pub mod error;
@@ -30,14 +31,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kache_cache::discovery::{Discovery, DiscoveryMetrics};
+use kache_cache::resources::{Cache, CacheMetrics};
 use kache_config::Config;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::coalesce::{CoalesceMetrics, Coalescer};
 use crate::guard::LocalGuard;
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Stages};
 use crate::server::ListenerSettings;
 use crate::upstream::{Exchange, Upstream};
 
@@ -102,12 +105,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let mut metrics = Metrics::new();
     let discovery_metrics = DiscoveryMetrics::register(metrics.registry_mut());
+    let cache_metrics = CacheMetrics::register(metrics.registry_mut());
+    let coalesce_metrics = CoalesceMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
-    let discovery = Discovery::new(
-        Arc::new(upstream.clone()),
-        config.discovery.clone(),
-        discovery_metrics,
-    );
+    let api_client: Arc<dyn kache_cache::upstream::ApiClient> = Arc::new(upstream.clone());
+    let discovery = Discovery::new(api_client.clone(), config.discovery.clone(), discovery_metrics);
+    let cache = Cache::new(api_client, discovery.clone(), config.cache.clone(), cache_metrics);
     let (shutdown, shutdown_rx) = watch::channel(false);
     tracing::info!(
         listen = %addr,
@@ -117,12 +120,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         "kache serving"
     );
 
-    let pipeline = Arc::new(Pipeline::new(
-        LocalGuard::new(&config.listener),
-        discovery.clone(),
-        upstream.clone(),
-        metrics.clone(),
-    ));
+    let pipeline = Arc::new(Pipeline::new(Stages {
+        guard: LocalGuard::new(&config.listener),
+        discovery: discovery.clone(),
+        cache: cache.clone(),
+        coalescer: Coalescer::new(coalesce_metrics),
+        upstream: upstream.clone(),
+        metrics: metrics.clone(),
+    }));
     let main = server::serve(
         listener,
         ListenerSettings {
@@ -134,7 +139,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         move |peer, request| pipeline.clone().handle(peer, request),
         shutdown_rx.clone(),
     );
-    let admin_metrics = metrics.clone();
+    let admin_state = Arc::new(admin::AdminState {
+        metrics: metrics.clone(),
+        cache: cache.clone(),
+    });
     let admin = server::serve(
         admin_listener,
         ListenerSettings {
@@ -144,7 +152,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             max_header_bytes: kache_config::DEFAULT_MAX_HEADER_BYTES,
         },
         move |_peer, request| {
-            let response = admin::handle(&admin_metrics, &request);
+            let response = admin::handle(&admin_state, &request);
             async move { response }
         },
         shutdown_rx.clone(),
@@ -153,7 +161,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tokio::spawn(main),
         tokio::spawn(admin),
         tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx.clone())),
-        tokio::spawn(until_shutdown(discovery.run(), shutdown_rx)),
+        tokio::spawn(until_shutdown(discovery.run(), shutdown_rx.clone())),
+        tokio::spawn(until_shutdown(cache.clone().run_janitor(), shutdown_rx)),
     ];
     Ok(Running {
         addr,

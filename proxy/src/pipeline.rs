@@ -2,9 +2,11 @@
 //! request continue or answers it (`ControlFlow::Break`).
 //!
 //! ```text
-//!   accept (server.rs) ─► identify ─► classify ─► route ────────────► respond
-//!                         guard       RequestInfo  discovery cache    Status on errors,
-//!                                                  else forward       bodies streamed
+//!   accept (server.rs) ─► identify ─► classify ─► route ─────────────────► respond
+//!                         guard       RequestInfo  discovery cache         Status on errors,
+//!                                                  object cache (rv=0…)    bodies streamed
+//!                                                  coalesced reads
+//!                                                  else forward
 //! ```
 
 use std::net::SocketAddr;
@@ -12,13 +14,18 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures::TryStreamExt;
 use http::{Request, Response};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use kache_cache::discovery::{self, Discovery};
+use kache_cache::resources::{Answer, Cache};
 use kache_cache::RequestInfo;
 use tracing::{field, Instrument};
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
+use crate::coalesce::{self, Coalescer};
 use crate::error::{rescue, ProxyError};
 use crate::forward;
 use crate::guard::LocalGuard;
@@ -29,20 +36,41 @@ use crate::upstream::Upstream;
 pub struct Pipeline {
     guard: LocalGuard,
     discovery: Discovery,
+    cache: Cache,
+    coalescer: Coalescer,
     upstream: Upstream,
     metrics: Arc<Metrics>,
 }
 
+/// The parts a pipeline is built from.
+pub struct Stages {
+    pub guard: LocalGuard,
+    pub discovery: Discovery,
+    pub cache: Cache,
+    pub coalescer: Coalescer,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The upstream identity kache uses in local mode, as a coalescing key part:
+/// every client's request goes up with the kubeconfig's credentials.
+const LOCAL_IDENTITY: &str = "kubeconfig";
+
 impl Pipeline {
-    pub fn new(
-        guard: LocalGuard,
-        discovery: Discovery,
-        upstream: Upstream,
-        metrics: Arc<Metrics>,
-    ) -> Pipeline {
+    pub fn new(stages: Stages) -> Pipeline {
+        let Stages {
+            guard,
+            discovery,
+            cache,
+            coalescer,
+            upstream,
+            metrics,
+        } = stages;
         Pipeline {
             guard,
             discovery,
+            cache,
+            coalescer,
             upstream,
             metrics,
         }
@@ -61,6 +89,7 @@ impl Pipeline {
             namespace = field::Empty,
             status = field::Empty,
             outcome = field::Empty,
+            cache = field::Empty,
             duration_ms = field::Empty,
         );
         self.metrics.in_flight.inc();
@@ -93,18 +122,69 @@ impl Pipeline {
         // classify: what the API server would call this request.
         let info = classify(&request);
         let verb = info.verb().as_str();
-        // route: discovery from its cache; everything else to the upstream.
+        // route: discovery and cacheable reads from memory, identical reads
+        // coalesced, everything else to the upstream.
         let request = match self.route_discovery(request, &info).await {
             ControlFlow::Break(response) => return (verb, "discovery", response),
             ControlFlow::Continue(request) => request,
         };
+        let request = match self.route_cache(request, &info).await {
+            ControlFlow::Break(response) => return (verb, "cache", response),
+            ControlFlow::Continue(request) => request,
+        };
         // respond: stream the upstream's answer, or a Status for kache's own failures.
-        match forward::forward(&self.upstream, request, info.is_long_running()).await {
+        let (outcome, result) = match coalesce::key_for(&request, LOCAL_IDENTITY) {
+            Some(key) => {
+                let upstream = self.upstream.clone();
+                let long_running = info.is_long_running();
+                let (role, result) = self
+                    .coalescer
+                    .run(key, move || async move {
+                        forward::forward(&upstream, request, long_running).await
+                    })
+                    .await;
+                (role.outcome(), result.map_err(Shared::Arc))
+            }
+            None => {
+                let result = forward::forward(&self.upstream, request, info.is_long_running()).await;
+                ("forwarded", result.map_err(Shared::Owned))
+            }
+        };
+        match result {
             Ok(response) => {
                 self.metrics.mark_ready();
-                (verb, "forwarded", response)
+                (verb, outcome, response)
             }
-            Err(error) => (verb, "error", self.fail(&error)),
+            Err(error) => (verb, "error", self.fail(error.as_ref())),
+        }
+    }
+
+    /// Answers a resource read from the object cache where it can; hands the
+    /// request back otherwise.
+    async fn route_cache(
+        &self,
+        request: Request<Incoming>,
+        info: &RequestInfo,
+    ) -> ControlFlow<Response<Body>, Request<Incoming>> {
+        if !info.is_resource_request || !info.verb().is_read() {
+            return ControlFlow::Continue(request);
+        }
+        match self
+            .cache
+            .serve(info, request.uri().query(), request.headers())
+            .await
+        {
+            Ok(Answer::Full(response)) => ControlFlow::Break(response.map(crate::body::full)),
+            Ok(Answer::Stream(response)) => ControlFlow::Break(response.map(|stream| {
+                let frames = stream
+                    .map_ok(Frame::data)
+                    .map_err(|e| -> BoxError { Box::new(e) });
+                crate::body::stream(StreamBody::new(frames))
+            })),
+            Err(reason) => {
+                tracing::Span::current().record("cache", reason.as_str());
+                ControlFlow::Continue(request)
+            }
         }
     }
 
@@ -145,6 +225,21 @@ impl Pipeline {
             .get_or_create(&ErrorLabels { kind: error.kind() })
             .inc();
         rescue(error)
+    }
+}
+
+/// A failure owned by this request, or shared by the requests of a coalesced call.
+enum Shared {
+    Owned(ProxyError),
+    Arc(Arc<ProxyError>),
+}
+
+impl AsRef<ProxyError> for Shared {
+    fn as_ref(&self) -> &ProxyError {
+        match self {
+            Shared::Owned(error) => error,
+            Shared::Arc(error) => error,
+        }
     }
 }
 

@@ -118,9 +118,14 @@ impl Upstream {
     /// a connection that broke during the exchange.
     pub async fn send(
         &self,
-        request: Request<Body>,
+        mut request: Request<Body>,
         exchange: Exchange,
     ) -> Result<Response<Incoming>, ProxyError> {
+        // Compression costs CPU on both ends and saves nothing on the hops kache sits on.
+        request.headers_mut().insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
         let service = match exchange {
             Exchange::Upgrade => self.upgrade_service.clone(),
             Exchange::Short | Exchange::LongRunning => self.service.clone(),

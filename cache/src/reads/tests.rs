@@ -1,0 +1,449 @@
+//! Which reads the cache answers, and how it renders them.
+
+use std::collections::BTreeMap;
+
+use http::HeaderMap;
+
+use super::*;
+use crate::store::Store;
+
+fn info(method: &str, uri: &str) -> (RequestInfo, Option<String>) {
+    let (path, query) = match uri.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (uri, None),
+    };
+    (
+        RequestInfo::parse(method, path, query.as_deref()).expect("parses"),
+        query,
+    )
+}
+
+fn plan_for(uri: &str, accept: Option<&str>) -> Result<ReadPlan, Bypass> {
+    let (info, query) = info("GET", uri);
+    let mut headers = HeaderMap::new();
+    if let Some(accept) = accept {
+        headers.insert(header::ACCEPT, HeaderValue::from_str(accept).expect("header"));
+    }
+    plan(&info, query.as_deref(), &headers)
+}
+
+#[test]
+fn only_reads_the_watch_cache_would_answer_are_planned() {
+    let served = [
+        "/api/v1/pods?resourceVersion=0",
+        "/api/v1/pods?resourceVersion=0&limit=500",
+        "/api/v1/namespaces/a/pods?resourceVersion=0&labelSelector=app%3Dweb",
+        "/api/v1/namespaces/a/pods/p?resourceVersion=0",
+        "/api/v1/pods?resourceVersion=12&resourceVersionMatch=NotOlderThan",
+        "/api/v1/pods?resourceVersion=12",
+        "/api/v1/pods?watch=true&resourceVersion=12&allowWatchBookmarks=true&timeoutSeconds=300",
+        "/api/v1/watch/pods?resourceVersion=0",
+        "/apis/stable.example.com/v1/crontabs?resourceVersion=0",
+    ];
+    for uri in served {
+        assert!(
+            plan_for(uri, None).is_ok(),
+            "{uri}: {:?}",
+            plan_for(uri, None).err()
+        );
+    }
+    let forwarded = [
+        ("/api/v1/pods", Bypass::ConsistentRead),
+        ("/api/v1/pods?limit=500", Bypass::ConsistentRead),
+        ("/api/v1/pods?watch=true", Bypass::ConsistentRead),
+        (
+            "/api/v1/pods?resourceVersion=0&resourceVersionMatch=Exact",
+            Bypass::Exact,
+        ),
+        (
+            "/api/v1/pods?resourceVersion=12&resourceVersionMatch=Exact",
+            Bypass::Exact,
+        ),
+        ("/api/v1/pods?resourceVersion=12&limit=10", Bypass::Limit),
+        ("/api/v1/pods?resourceVersion=0&continue=abc", Bypass::Continue),
+        ("/api/v1/pods?resourceVersion=abc", Bypass::InvalidResourceVersion),
+        ("/api/v1/pods?resourceVersion=0&pretty=true", Bypass::Parameters),
+        (
+            "/api/v1/pods?resourceVersion=0&resourceVersionMatch=Newest",
+            Bypass::Parameters,
+        ),
+        (
+            "/api/v1/namespaces/a/pods/p/status?resourceVersion=0",
+            Bypass::Subresource,
+        ),
+        (
+            "/api/v1/namespaces/a/pods/p/log?resourceVersion=0",
+            Bypass::Subresource,
+        ),
+        (
+            "/api/v1/pods?resourceVersion=0&labelSelector=a%20in%20",
+            Bypass::BadSelector,
+        ),
+        (
+            "/api/v1/pods?resourceVersion=0&fieldSelector=a%3D%3D%3Db",
+            Bypass::BadSelector,
+        ),
+        ("/version", Bypass::NotARead),
+    ];
+    for (uri, reason) in forwarded {
+        assert_eq!(plan_for(uri, None).err(), Some(reason), "{uri}");
+    }
+}
+
+#[test]
+fn writes_are_never_planned() {
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        let (info, query) = info(method, "/api/v1/namespaces/a/configmaps/x?resourceVersion=0");
+        assert_eq!(
+            plan(&info, query.as_deref(), &HeaderMap::new()).err(),
+            Some(Bypass::NotARead),
+            "{method}"
+        );
+    }
+}
+
+#[test]
+fn only_plain_json_is_answered() {
+    let uri = "/api/v1/pods?resourceVersion=0";
+    for accept in [
+        "application/json",
+        "*/*",
+        "application/json, */*",
+        "application/json;charset=utf-8",
+        "text/html, application/json",
+    ] {
+        assert!(plan_for(uri, Some(accept)).is_ok(), "{accept}");
+    }
+    for accept in [
+        "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
+        "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        "application/vnd.kubernetes.protobuf,application/json",
+        "application/yaml",
+        "text/html",
+    ] {
+        assert_eq!(plan_for(uri, Some(accept)).err(), Some(Bypass::Encoding), "{accept}");
+    }
+}
+
+fn spec(custom: bool) -> ResourceSpec {
+    ResourceSpec {
+        group: if custom {
+            "stable.example.com".into()
+        } else {
+            String::new()
+        },
+        version: "v1".into(),
+        resource: if custom {
+            "crontabs".into()
+        } else {
+            "configmaps".into()
+        },
+        kind: if custom {
+            "CronTab".into()
+        } else {
+            "ConfigMap".into()
+        },
+        namespaced: true,
+        custom,
+    }
+}
+
+fn configmap(ns: &str, name: &str, rv: u64, labels: &[(&str, &str)]) -> Object {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    let json = format!(
+        r#"{{"kind":"ConfigMap","apiVersion":"v1","metadata":{{"name":"{name}","namespace":"{ns}","resourceVersion":"{rv}","labels":{}}},"data":{{"k":"v"}}}}"#,
+        serde_json::Value::Object(labels)
+    );
+    spec(false).object(Bytes::from(json)).expect("object")
+}
+
+fn store_with(objects: Vec<Object>, rv: u64) -> Arc<Store> {
+    let store = Arc::new(Store::new(100, 100));
+    store.replace(objects, rv);
+    store
+}
+
+fn body_json(response: &Response<Bytes>) -> serde_json::Value {
+    serde_json::from_slice(response.body()).expect("json")
+}
+
+#[test]
+fn lists_render_like_the_api_server() {
+    let store = store_with(
+        vec![
+            configmap("b", "y", 3, &[("app", "web")]),
+            configmap("a", "x", 2, &[("app", "db")]),
+            configmap("a", "z", 4, &[]),
+        ],
+        9,
+    );
+    let plan = plan_for("/api/v1/configmaps?resourceVersion=0&labelSelector=app", None).expect("plan");
+    let rendered = body_json(&list(&plan, &spec(false), &store));
+    assert_eq!(rendered["kind"], "ConfigMapList");
+    assert_eq!(rendered["apiVersion"], "v1");
+    assert_eq!(rendered["metadata"], serde_json::json!({"resourceVersion": "9"}));
+    let names: Vec<_> = rendered["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|i| i["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(names, ["x", "y"]);
+    assert!(
+        rendered["items"][0].get("kind").is_none(),
+        "built-in list items carry no type meta"
+    );
+
+    let plan = plan_for(
+        "/api/v1/namespaces/a/configmaps?resourceVersion=0&fieldSelector=metadata.name%21%3Dx",
+        None,
+    )
+    .expect("plan");
+    let rendered = body_json(&list(&plan, &spec(false), &store));
+    assert_eq!(rendered["items"].as_array().expect("items").len(), 1);
+    assert_eq!(rendered["items"][0]["metadata"]["name"], "z");
+
+    let plan = plan_for("/api/v1/namespaces/empty/configmaps?resourceVersion=0", None).expect("plan");
+    assert_eq!(
+        body_json(&list(&plan, &spec(false), &store))["items"],
+        serde_json::json!([])
+    );
+}
+
+#[test]
+fn gets_render_the_object_or_the_api_servers_not_found() {
+    let store = store_with(vec![configmap("a", "x", 2, &[])], 9);
+    let plan = plan_for("/api/v1/namespaces/a/configmaps/x?resourceVersion=0", None).expect("plan");
+    let found = get("x", &plan, &spec(false), &store);
+    assert_eq!(found.status(), 200);
+    assert_eq!(body_json(&found)["kind"], "ConfigMap");
+    let missing = get("nope", &plan, &spec(false), &store);
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        body_json(&missing),
+        serde_json::json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",
+            "message":"configmaps \"nope\" not found","reason":"NotFound",
+            "details":{"name":"nope","kind":"configmaps"},"code":404})
+    );
+    let crd_missing = get("nope", &plan, &spec(true), &store);
+    assert_eq!(
+        body_json(&crd_missing)["message"],
+        "crontabs.stable.example.com \"nope\" not found"
+    );
+    assert_eq!(body_json(&crd_missing)["details"]["group"], "stable.example.com");
+}
+
+#[test]
+fn unsupported_field_selectors_are_detected() {
+    let plan = plan_for(
+        "/api/v1/configmaps?resourceVersion=0&fieldSelector=spec.nodeName%3Dn1",
+        None,
+    )
+    .expect("plan");
+    assert!(!fields_supported(&plan.field, &spec(false)));
+    let plan = plan_for(
+        "/api/v1/configmaps?resourceVersion=0&fieldSelector=metadata.namespace%3Da",
+        None,
+    )
+    .expect("plan");
+    assert!(fields_supported(&plan.field, &spec(false)));
+    assert!(fields_supported(&plan.field, &spec(true)));
+}
+
+async fn frames(mut response: Response<ByteStream>, count: usize) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    while out.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.body_mut().next())
+            .await
+            .expect("frame in time")
+            .expect("stream open")
+            .expect("no error");
+        for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            out.push(serde_json::from_slice(line).expect("json"));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn watches_from_zero_start_with_the_state_then_follow_changes() {
+    let store = store_with(vec![configmap("a", "x", 2, &[])], 5);
+    let plan = plan_for(
+        "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=0",
+        None,
+    )
+    .expect("plan");
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch");
+    store.apply(EventType::Modified, configmap("a", "x", 6, &[("v", "2")]));
+    store.apply(EventType::Added, configmap("other", "y", 7, &[]));
+    store.apply(EventType::Deleted, configmap("a", "x", 8, &[("v", "2")]));
+    let events = frames(response, 3).await;
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or("").to_string(),
+                e["object"]["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ADDED".into(), "2".into()),
+            ("MODIFIED".into(), "6".into()),
+            ("DELETED".into(), "8".into())
+        ]
+    );
+    assert_eq!(
+        events[0]["object"]["kind"], "ConfigMap",
+        "watch objects carry type meta"
+    );
+}
+
+#[tokio::test]
+async fn selector_transitions_become_added_and_deleted() {
+    let store = store_with(vec![configmap("a", "x", 2, &[("app", "web")])], 5);
+    let plan = plan_for(
+        "/api/v1/configmaps?watch=true&resourceVersion=5&labelSelector=app%3Dweb",
+        None,
+    )
+    .expect("plan");
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch");
+    store.apply(EventType::Modified, configmap("a", "x", 6, &[("app", "db")]));
+    store.apply(
+        EventType::Modified,
+        configmap("a", "x", 7, &[("app", "db"), ("v", "2")]),
+    );
+    store.apply(EventType::Modified, configmap("a", "x", 8, &[("app", "web")]));
+    let events = frames(response, 2).await;
+    assert_eq!(events[0]["type"], "DELETED");
+    assert_eq!(
+        events[0]["object"]["metadata"]["labels"]["app"], "web",
+        "the previous state…"
+    );
+    assert_eq!(
+        events[0]["object"]["metadata"]["resourceVersion"], "6",
+        "…at the event's version"
+    );
+    assert_eq!(events[1]["type"], "ADDED");
+    assert_eq!(events[1]["object"]["metadata"]["resourceVersion"], "8");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bookmarks_are_sent_only_when_asked() {
+    let store = store_with(vec![], 5);
+    let settings = WatchSettings {
+        bookmark_interval: Duration::from_secs(1),
+        ..WatchSettings::default()
+    };
+    let plan = plan_for(
+        "/api/v1/configmaps?watch=true&resourceVersion=5&allowWatchBookmarks=true",
+        None,
+    )
+    .expect("plan");
+    let response = watch(plan, Arc::new(spec(false)), store.clone(), &settings, || {}).expect("watch");
+    store.progress(11);
+    let events = frames(response, 1).await;
+    assert_eq!(events[0]["type"], "BOOKMARK");
+    assert_eq!(events[0]["object"]["metadata"]["resourceVersion"], "11");
+
+    let plan = plan_for("/api/v1/configmaps?watch=true&resourceVersion=5", None).expect("plan");
+    let mut quiet = watch(plan, Arc::new(spec(false)), store.clone(), &settings, || {}).expect("watch");
+    use futures::StreamExt;
+    let nothing = tokio::time::timeout(Duration::from_secs(5), quiet.body_mut().next()).await;
+    assert!(nothing.is_err(), "no bookmark without allowWatchBookmarks");
+}
+
+#[tokio::test]
+async fn a_slow_watcher_is_ended_without_delaying_others() {
+    let store = Arc::new(Store::new(100, 4));
+    store.replace(vec![], 1);
+    let settings = WatchSettings {
+        buffer: 1,
+        ..WatchSettings::default()
+    };
+    let plan = plan_for("/api/v1/configmaps?watch=true&resourceVersion=1", None).expect("plan");
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ended.clone();
+    let slow = watch(
+        plan.clone(),
+        Arc::new(spec(false)),
+        store.clone(),
+        &settings,
+        move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+    )
+    .expect("watch");
+    let fast = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch");
+    let reader = tokio::spawn(frames(fast, 50));
+    for rv in 2..52 {
+        store.apply(EventType::Added, configmap("a", &format!("o{rv}"), rv, &[]));
+        tokio::task::yield_now().await;
+    }
+    let events = reader.await.expect("reader");
+    assert_eq!(events.len(), 50, "the fast watcher got everything");
+    for _ in 0..200 {
+        if ended.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        ended.load(std::sync::atomic::Ordering::SeqCst),
+        "the slow watcher was ended"
+    );
+    drop(slow);
+}
+
+#[test]
+fn too_old_versions_are_refused() {
+    let store = Arc::new(Store::new(2, 10));
+    store.replace(vec![], 5);
+    for rv in 6..10 {
+        store.apply(EventType::Added, configmap("a", &format!("o{rv}"), rv, &[]));
+    }
+    let plan = plan_for("/api/v1/configmaps?watch=true&resourceVersion=5", None).expect("plan");
+    assert!(watch(
+        plan,
+        Arc::new(spec(false)),
+        store,
+        &WatchSettings::default(),
+        || {}
+    )
+    .is_err());
+}
+
+#[test]
+fn field_values_feed_field_selectors() {
+    let fields: BTreeMap<String, String> = configmap("a", "x", 2, &[]).fields;
+    assert_eq!(fields.get("metadata.name").map(String::as_str), Some("x"));
+    assert_eq!(fields.get("metadata.namespace").map(String::as_str), Some("a"));
+}

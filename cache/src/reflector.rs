@@ -1,0 +1,338 @@
+//! The writer of a store: LIST then WATCH one resource, as an informer does.
+//!
+//! ```text
+//!   LIST ?resourceVersion=0 ──► Store::replace (whole, at the list's version)
+//!        │
+//!        ▼
+//!   WATCH ?allowWatchBookmarks=true&resourceVersion=<store's> ──► Store::apply / progress
+//!        │ ends normally ─► watch again from the store's version
+//!        │ 410 Gone      ─► relist
+//!        └ fails         ─► unsynced (readers forward), retry with backoff from the
+//!                           store's version; relist if it is gone
+//! ```
+//!
+//! The LIST asks for `resourceVersion=0`, as client-go's reflectors do, so the
+//! API server answers it from its own watch cache rather than etcd.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::header;
+use http::{Request, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::store::{parse_resource_version, EventType, Object, Store};
+use crate::upstream::{ApiClient, FetchError};
+
+/// What kache knows about a cached resource, from discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceSpec {
+    /// Empty for the core group.
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+    pub kind: String,
+    pub namespaced: bool,
+    /// Served by a CustomResourceDefinition: list items keep their type
+    /// meta, only `metadata.name`/`metadata.namespace` are selectable fields,
+    /// and there is no protobuf.
+    pub custom: bool,
+}
+
+impl ResourceSpec {
+    /// `v1` or `group/version`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// The path of the cluster-wide collection (`/api/v1/pods`).
+    pub fn collection_path(&self) -> String {
+        if self.group.is_empty() {
+            format!("/api/{}/{}", self.version, self.resource)
+        } else {
+            format!("/apis/{}/{}/{}", self.group, self.version, self.resource)
+        }
+    }
+
+    /// `pods` or `deployments.apps`, as the API server names a resource in messages.
+    pub fn qualified_resource(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.clone()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        }
+    }
+
+    /// The values of the fields a field selector may use, for one object.
+    pub fn field_values(&self, object: &serde_json::Value) -> BTreeMap<String, String> {
+        if self.custom {
+            let mut fields = BTreeMap::new();
+            let metadata = &object["metadata"];
+            fields.insert(
+                "metadata.name".into(),
+                metadata["name"].as_str().unwrap_or("").to_string(),
+            );
+            if self.namespaced {
+                fields.insert(
+                    "metadata.namespace".into(),
+                    metadata["namespace"].as_str().unwrap_or("").to_string(),
+                );
+            }
+            fields
+        } else {
+            crate::selector::field_values(&self.group, &self.resource, object)
+        }
+    }
+
+    /// Parses an object as the store keeps it.
+    ///
+    /// # Errors
+    /// The JSON is not an object with a name and resourceVersion.
+    pub fn object(&self, json: Bytes) -> Result<Object, crate::store::ObjectError> {
+        Object::from_json(json, !self.custom, |value| self.field_values(value))
+    }
+}
+
+/// How the reflector paces itself.
+#[derive(Debug, Clone)]
+pub struct ReflectorConfig {
+    /// Server-side timeout of each WATCH request (renewed when it ends).
+    pub watch_timeout: Duration,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ReflectorConfig {
+    fn default() -> Self {
+        ReflectorConfig {
+            // client-go picks 5–10 minutes; a fixed 5 minutes keeps renewals rare.
+            watch_timeout: Duration::from_secs(300),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Keeps `store` in sync with the API server until the future is dropped.
+pub async fn run(
+    client: Arc<dyn ApiClient>,
+    spec: Arc<ResourceSpec>,
+    store: Arc<Store>,
+    config: ReflectorConfig,
+) {
+    let mut backoff = config.min_backoff;
+    loop {
+        match list(client.as_ref(), &spec).await {
+            Ok((objects, resource_version)) => {
+                tracing::debug!(resource = %spec.qualified_resource(), objects = objects.len(), resource_version, "listed");
+                store.replace(objects, resource_version);
+                backoff = config.min_backoff;
+            }
+            Err(error) => {
+                tracing::warn!(resource = %spec.qualified_resource(), %error, "list failed");
+                store.mark_unsynced();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.max_backoff);
+                continue;
+            }
+        }
+        // Watch from the store's version until it is gone.
+        loop {
+            match watch(client.as_ref(), &spec, &store, &config).await {
+                WatchEnd::Renew => {
+                    store.mark_synced();
+                    backoff = config.min_backoff;
+                }
+                WatchEnd::Expired => break,
+                WatchEnd::Failed(error) => {
+                    tracing::warn!(resource = %spec.qualified_resource(), %error, "watch failed");
+                    store.mark_unsynced();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(config.max_backoff);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListMeta {
+    #[serde(default, rename = "resourceVersion")]
+    resource_version: String,
+}
+
+#[derive(Deserialize)]
+struct RawList<'a> {
+    metadata: ListMeta,
+    #[serde(borrow, default)]
+    items: Vec<&'a RawValue>,
+}
+
+/// LIST at `resourceVersion=0`: the objects (with type meta) and the list's version.
+async fn list(client: &dyn ApiClient, spec: &ResourceSpec) -> Result<(Vec<Object>, u64), FetchError> {
+    let request = Request::get(format!("{}?resourceVersion=0", spec.collection_path()))
+        .header(header::ACCEPT, "application/json")
+        .body(())
+        .map_err(|e| FetchError(e.to_string()))?;
+    let response = client.fetch(request).await?;
+    if response.status() != StatusCode::OK {
+        return Err(FetchError(format!(
+            "LIST {} answered {}",
+            spec.collection_path(),
+            response.status()
+        )));
+    }
+    let list: RawList<'_> = serde_json::from_slice(response.body())
+        .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
+    let resource_version = parse_resource_version(&list.metadata.resource_version)
+        .ok_or_else(|| FetchError(format!("LIST {}: no resourceVersion", spec.collection_path())))?;
+    let type_meta = format!(
+        "{{\"kind\":{},\"apiVersion\":{},",
+        serde_json::Value::from(spec.kind.as_str()),
+        serde_json::Value::from(spec.api_version())
+    );
+    let objects = list
+        .items
+        .iter()
+        .map(|item| {
+            let item = item.get().as_bytes();
+            // Built-in types' list items come without type meta: add it back,
+            // so the stored object is the one a watch event or GET carries.
+            let json = if !item.starts_with(b"{\"kind\":") && item.len() > 2 {
+                let mut json = Vec::with_capacity(type_meta.len() + item.len());
+                json.extend_from_slice(type_meta.as_bytes());
+                json.extend_from_slice(&item[1..]);
+                Bytes::from(json)
+            } else {
+                Bytes::copy_from_slice(item)
+            };
+            spec.object(json)
+                .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((objects, resource_version))
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(borrow)]
+    object: &'a RawValue,
+}
+
+enum WatchEnd {
+    Renew,
+    Expired,
+    Failed(FetchError),
+}
+
+async fn watch(
+    client: &dyn ApiClient,
+    spec: &ResourceSpec,
+    store: &Store,
+    config: &ReflectorConfig,
+) -> WatchEnd {
+    let uri = format!(
+        "{}?allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={}&watch=true",
+        spec.collection_path(),
+        store.resource_version(),
+        config.watch_timeout.as_secs().max(1)
+    );
+    let request = match Request::get(uri)
+        .header(header::ACCEPT, "application/json")
+        .body(())
+    {
+        Ok(request) => request,
+        Err(e) => return WatchEnd::Failed(FetchError(e.to_string())),
+    };
+    let response = match client.stream(request).await {
+        Ok(response) => response,
+        Err(error) => return WatchEnd::Failed(error),
+    };
+    match response.status() {
+        StatusCode::OK => store.mark_synced(),
+        StatusCode::GONE => return WatchEnd::Expired,
+        status => return WatchEnd::Failed(FetchError(format!("WATCH answered {status}"))),
+    }
+    let mut body = response.into_body();
+    let mut buffer: Vec<u8> = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => return WatchEnd::Failed(error),
+        };
+        buffer.extend_from_slice(&chunk);
+        let mut consumed = 0;
+        while let Some(end) = buffer[consumed..].iter().position(|b| *b == b'\n') {
+            let line = &buffer[consumed..consumed + end];
+            consumed += end + 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if let Some(end) = apply_event(spec, store, line) {
+                return end;
+            }
+        }
+        buffer.drain(..consumed);
+    }
+    WatchEnd::Renew
+}
+
+/// Applies one watch event line; returns how the watch ends, if it does.
+fn apply_event(spec: &ResourceSpec, store: &Store, line: &[u8]) -> Option<WatchEnd> {
+    let event: RawEvent<'_> = match serde_json::from_slice(line) {
+        Ok(event) => event,
+        Err(e) => {
+            return Some(WatchEnd::Failed(FetchError(format!(
+                "undecodable watch event: {e}"
+            ))))
+        }
+    };
+    let object = Bytes::copy_from_slice(event.object.get().as_bytes());
+    let kind = match event.kind {
+        "ADDED" => EventType::Added,
+        "MODIFIED" => EventType::Modified,
+        "DELETED" => EventType::Deleted,
+        "BOOKMARK" => {
+            let value: serde_json::Value = serde_json::from_slice(&object).unwrap_or_default();
+            if let Some(rv) = value["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(parse_resource_version)
+            {
+                store.progress(rv);
+            }
+            return None;
+        }
+        "ERROR" => {
+            let status: serde_json::Value = serde_json::from_slice(&object).unwrap_or_default();
+            if status["code"].as_u64() == Some(410) {
+                return Some(WatchEnd::Expired);
+            }
+            return Some(WatchEnd::Failed(FetchError(format!(
+                "watch error: {}",
+                status["message"]
+            ))));
+        }
+        other => {
+            return Some(WatchEnd::Failed(FetchError(format!(
+                "unknown watch event type {other:?}"
+            ))))
+        }
+    };
+    match spec.object(object) {
+        Ok(object) => {
+            store.apply(kind, object);
+            None
+        }
+        Err(e) => Some(WatchEnd::Failed(FetchError(format!("watch event object: {e}")))),
+    }
+}
