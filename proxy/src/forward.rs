@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
+use crate::admit::Permit;
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::upstream::{Exchange, Upstream};
@@ -97,7 +98,9 @@ pub fn client_response(response: Response<Incoming>) -> Response<Body> {
     Response::from_parts(parts, body::stream(incoming))
 }
 
-/// Forwards a request and streams the answer back.
+/// Forwards a request and streams the answer back. The admission permit
+/// (if any) is held until the response body ends, or, for an upgraded
+/// connection, until the connection closes.
 ///
 /// # Errors
 /// See [`Upstream::send`].
@@ -105,7 +108,12 @@ pub async fn forward(
     upstream: &Upstream,
     mut request: Request<Incoming>,
     long_running: bool,
+    permit: Option<Permit>,
 ) -> Result<Response<Body>, ProxyError> {
+    let hold = |response: Response<Body>, permit: Option<Permit>| match permit {
+        Some(permit) => response.map(|body| permit.attach(body)),
+        None => response,
+    };
     if !is_upgrade(&request) {
         let exchange = if long_running {
             Exchange::LongRunning
@@ -113,7 +121,7 @@ pub async fn forward(
             Exchange::Short
         };
         let response = upstream.send(upstream_request(request, false), exchange).await?;
-        return Ok(client_response(response));
+        return Ok(hold(client_response(response), permit));
     }
 
     let client_upgrade = hyper::upgrade::on(&mut request);
@@ -121,11 +129,13 @@ pub async fn forward(
         .send(upstream_request(request, true), Exchange::Upgrade)
         .await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Ok(client_response(response));
+        return Ok(hold(client_response(response), permit));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
     tokio::spawn(
         async move {
+            // The session counts against the client's long-running cap until it closes.
+            let _permit = permit;
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok(pair) => pair,
                 Err(error) => {

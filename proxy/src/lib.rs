@@ -5,7 +5,9 @@
 //!  clients ──► main listener (server.rs) ──► Pipeline (pipeline.rs)
 //!                                              identify ─ guard.rs
 //!                                              classify ─ kache_cache::RequestInfo
-//!                                              route    ─ kache_cache::Discovery (memory)
+//!                                              route    ─ kache_cache::Discovery, kache_cache::Cache (memory)
+//!                                              admit    ─ admit.rs (per-client seats, fair queues)
+//!                                                         coalesce.rs (identical reads share a call)
 //!                                                         forward.rs ──► Upstream (upstream.rs) ──► API server
 //!                                              respond  ─ error.rs / status.rs
 //!  operators ─► admin listener ──► admin.rs (/livez /readyz /metrics ◄── metrics.rs)
@@ -37,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admit::{AdmitMetrics, Limiter};
 use crate::coalesce::{CoalesceMetrics, Coalescer};
 use crate::guard::LocalGuard;
 use crate::metrics::Metrics;
@@ -63,11 +66,19 @@ pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    limiter: Arc<Limiter>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
+    /// Applies what can change without a restart: the concurrency limits.
+    /// Queued and running requests keep their seats.
+    pub fn reload(&self, config: &Config) {
+        self.limiter.reconfigure(&config.limits);
+        tracing::info!("limits reloaded");
+    }
+
     /// Stops accepting, lets in-flight requests finish (bounded), and returns.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
@@ -107,6 +118,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let discovery_metrics = DiscoveryMetrics::register(metrics.registry_mut());
     let cache_metrics = CacheMetrics::register(metrics.registry_mut());
     let coalesce_metrics = CoalesceMetrics::register(metrics.registry_mut());
+    let admit_metrics = AdmitMetrics::register(metrics.registry_mut());
+    let limiter = Arc::new(Limiter::new(&config.limits, admit_metrics));
     let metrics = Arc::new(metrics);
     let api_client: Arc<dyn kache_cache::upstream::ApiClient> = Arc::new(upstream.clone());
     let discovery = Discovery::new(api_client.clone(), config.discovery.clone(), discovery_metrics);
@@ -124,6 +137,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         guard: LocalGuard::new(&config.listener),
         discovery: discovery.clone(),
         cache: cache.clone(),
+        limiter: limiter.clone(),
         coalescer: Coalescer::new(coalesce_metrics),
         upstream: upstream.clone(),
         metrics: metrics.clone(),
@@ -168,6 +182,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         addr,
         admin_addr,
         metrics,
+        limiter,
         shutdown,
         tasks,
     })

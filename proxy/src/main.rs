@@ -1,7 +1,7 @@
 //! The `kache` binary: parse the command line, set up logging, run.
 
 use clap::Parser;
-use kache_config::{Cli, Command, Config};
+use kache_config::{Cli, Command, Config, ServeArgs};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -23,30 +23,41 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(config))
+                .block_on(serve(args, config))
         }
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<()> {
     let running = kache_proxy::start(config).await?;
-    shutdown_signal().await;
+    wait_for_signals(|| match Config::load(&args) {
+        // SIGHUP: apply what can change without a restart.
+        Ok(config) => running.reload(&config),
+        Err(error) => tracing::error!(%error, "configuration not reloaded"),
+    })
+    .await;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("invariant: installing a SIGTERM handler succeeds");
+/// Returns on SIGINT or SIGTERM; calls `reload` on every SIGHUP.
+#[cfg(unix)]
+async fn wait_for_signals(reload: impl Fn()) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate =
+        signal(SignalKind::terminate()).expect("invariant: installing a SIGTERM handler succeeds");
+    let mut hangup = signal(SignalKind::hangup()).expect("invariant: installing a SIGHUP handler succeeds");
+    loop {
         tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => return,
+            _ = terminate.recv() => return,
+            _ = hangup.recv() => reload(),
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_reload: impl Fn()) {
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -5,6 +5,7 @@
 //!   accept (server.rs) ─► identify ─► classify ─► route ─────────────────► respond
 //!                         guard       RequestInfo  discovery cache         Status on errors,
 //!                                                  object cache (rv=0…)    bodies streamed
+//!                                                  admit: seats per client class
 //!                                                  coalesced reads
 //!                                                  else forward
 //! ```
@@ -24,6 +25,7 @@ use kache_cache::resources::{Answer, Cache};
 use kache_cache::RequestInfo;
 use tracing::{field, Instrument};
 
+use crate::admit::{ClientKey, Demand, Limiter, Permit};
 use crate::body::{Body, BoxError};
 use crate::coalesce::{self, Coalescer};
 use crate::error::{rescue, ProxyError};
@@ -37,6 +39,7 @@ pub struct Pipeline {
     guard: LocalGuard,
     discovery: Discovery,
     cache: Cache,
+    limiter: Arc<Limiter>,
     coalescer: Coalescer,
     upstream: Upstream,
     metrics: Arc<Metrics>,
@@ -47,6 +50,7 @@ pub struct Stages {
     pub guard: LocalGuard,
     pub discovery: Discovery,
     pub cache: Cache,
+    pub limiter: Arc<Limiter>,
     pub coalescer: Coalescer,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
@@ -62,6 +66,7 @@ impl Pipeline {
             guard,
             discovery,
             cache,
+            limiter,
             coalescer,
             upstream,
             metrics,
@@ -70,6 +75,7 @@ impl Pipeline {
             guard,
             discovery,
             cache,
+            limiter,
             coalescer,
             upstream,
             metrics,
@@ -90,10 +96,11 @@ impl Pipeline {
             status = field::Empty,
             outcome = field::Empty,
             cache = field::Empty,
+            client_key = field::Empty,
             duration_ms = field::Empty,
         );
         self.metrics.in_flight.inc();
-        let (verb, outcome, response) = self.run(request).instrument(span.clone()).await;
+        let (verb, outcome, response) = self.run(peer, request).instrument(span.clone()).await;
         self.metrics.in_flight.dec();
 
         let elapsed = started.elapsed();
@@ -114,11 +121,17 @@ impl Pipeline {
     }
 
     /// The stages. Returns the verb and outcome for metrics along with the response.
-    async fn run(&self, request: Request<Incoming>) -> (&'static str, &'static str, Response<Body>) {
-        // identify: only clients this proxy is meant for get through.
+    async fn run(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+    ) -> (&'static str, &'static str, Response<Body>) {
+        // identify: only clients this proxy is meant for get through; who they are.
         if let ControlFlow::Break(response) = self.identify(&request) {
             return ("unknown", "rejected", response);
         }
+        let client = ClientKey::identify(peer, request.headers(), None);
+        tracing::Span::current().record("client_key", client.as_str());
         // classify: what the API server would call this request.
         let info = classify(&request);
         let verb = info.verb().as_str();
@@ -132,21 +145,35 @@ impl Pipeline {
             ControlFlow::Break(response) => return (verb, "cache", response),
             ControlFlow::Continue(request) => request,
         };
-        // respond: stream the upstream's answer, or a Status for kache's own failures.
+        // admit + respond: what reaches the upstream takes a seat of the
+        // client's class (coalesced reads: one seat per upstream call, taken
+        // by the call); the answer streams back, kache's failures as Status.
+        let admission = Admission {
+            limiter: self.limiter.clone(),
+            client,
+            headers: request.headers().clone(),
+            path: request.uri().path().to_string(),
+            long_running: info.is_long_running(),
+        };
         let (outcome, result) = match coalesce::key_for(&request, LOCAL_IDENTITY) {
             Some(key) => {
                 let upstream = self.upstream.clone();
-                let long_running = info.is_long_running();
                 let (role, result) = self
                     .coalescer
                     .run(key, move || async move {
-                        forward::forward(&upstream, request, long_running).await
+                        let permit = admission.acquire().await?;
+                        forward::forward(&upstream, request, admission.long_running, Some(permit)).await
                     })
                     .await;
                 (role.outcome(), result.map_err(Shared::Arc))
             }
             None => {
-                let result = forward::forward(&self.upstream, request, info.is_long_running()).await;
+                let result = match admission.acquire().await {
+                    Ok(permit) => {
+                        forward::forward(&self.upstream, request, admission.long_running, Some(permit)).await
+                    }
+                    Err(error) => Err(error),
+                };
                 ("forwarded", result.map_err(Shared::Owned))
             }
         };
@@ -155,7 +182,13 @@ impl Pipeline {
                 self.metrics.mark_ready();
                 (verb, outcome, response)
             }
-            Err(error) => (verb, "error", self.fail(error.as_ref())),
+            Err(error) => {
+                let outcome = match error.as_ref() {
+                    ProxyError::TooManyRequests { .. } => "rejected",
+                    _ => "error",
+                };
+                (verb, outcome, self.fail(error.as_ref()))
+            }
         }
     }
 
@@ -225,6 +258,23 @@ impl Pipeline {
             .get_or_create(&ErrorLabels { kind: error.kind() })
             .inc();
         rescue(error)
+    }
+}
+
+/// What the admit stage needs, owned, so that a coalesced call can take its
+/// seat when (and only if) it is made.
+struct Admission {
+    limiter: Arc<Limiter>,
+    client: ClientKey,
+    headers: http::HeaderMap,
+    path: String,
+    long_running: bool,
+}
+
+impl Admission {
+    async fn acquire(&self) -> Result<Permit, ProxyError> {
+        let demand = Demand::new(&self.client, None, &self.headers, &self.path, self.long_running);
+        self.limiter.acquire(demand).await
     }
 }
 
