@@ -10,6 +10,9 @@
 //!     answers /api, /apis, /openapi, /version             ├── upstream::ApiClient (the proxy's
 //!     resources(group, version) → the catalogue           │   connection, or a fake in tests)
 //!                                        fetches misses ──┘
+//!
+//!   resources::Cache ── one store + reflector per (resource, encoding) ──► reads::list / get / watch
+//!     (JSON always; protobuf for built-ins read in protobuf: protobuf.rs frames the bytes)
 //! ```
 //!
 //! The proxy's classify stage is a thin wrapper around [`RequestInfo::parse`];
@@ -17,6 +20,7 @@
 //! same vocabulary and lets the parser be tested and fuzzed on its own.
 
 pub mod discovery;
+pub mod protobuf;
 pub mod reads;
 pub mod reflector;
 pub mod request;

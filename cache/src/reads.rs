@@ -7,6 +7,12 @@
 //! `continue`, and `limit` with a version other than `0`; those are never
 //! answered here. Anything the cache cannot render exactly (tables, partial
 //! metadata, YAML, pretty JSON, unknown parameters) is forwarded too.
+//!
+//! Answers are in JSON or, for built-in resources, protobuf, as the API
+//! server's content negotiation would pick from the client's `Accept`
+//! (client-go's core components send `application/vnd.kubernetes.protobuf,
+//! application/json`: protobuf for built-in types, JSON for custom
+//! resources). Each encoding is rendered from a store of its own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +25,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{parse_resource_version, Event, EventType, Notice, Object, Store, TooOld};
+use crate::store::{parse_resource_version, Encoding, Event, EventType, Notice, Object, Store, TooOld};
 use crate::upstream::{ByteStream, FetchError};
 
 /// Why a read is forwarded rather than answered from the cache (a metric label).
@@ -99,6 +105,8 @@ pub struct ReadPlan {
     pub label: LabelSelector,
     pub field: FieldSelector,
     pub version: MinVersion,
+    /// The encodings the client's `Accept` leads to; see [`ReadPlan::encoding`].
+    pub accept: Negotiated,
 }
 
 /// Query parameters a cached answer honours (or, like `limit` at version 0,
@@ -133,7 +141,8 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
             return Err(Bypass::Parameters);
         }
     }
-    if !accepts_plain_json(headers) {
+    let accept = negotiated(headers, info.verb() == Verb::Watch);
+    if accept.with_protobuf.is_none() && accept.without_protobuf.is_none() {
         return Err(Bypass::Encoding);
     }
     let kind = match info.verb() {
@@ -182,45 +191,177 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         label,
         field,
         version,
+        accept,
     })
 }
 
-/// Whether the client takes plain JSON: no `Accept`, `*/*`, `application/*`
-/// or `application/json` (parameters other than charset — `as=Table`,
-/// `as=PartialObjectMetadataList` — ask for another rendering), first
-/// acceptable type winning as in the API server's negotiation.
-fn accepts_plain_json(headers: &HeaderMap) -> bool {
-    let Some(accept) = headers.get(header::ACCEPT) else {
-        return true;
+/// The encoding the API server would answer a read in, for each kind of
+/// resource: `None` where it is not one the cache renders (YAML, tables,
+/// partial metadata, pretty, or nothing acceptable: the API server's 406).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// For a resource served in JSON, YAML and protobuf (built-in types).
+    pub with_protobuf: Option<Encoding>,
+    /// For one served in JSON and YAML only (custom resources).
+    pub without_protobuf: Option<Encoding>,
+}
+
+/// One clause of an `Accept` header, as `goautoneg.ParseAccept` reads it.
+struct Clause<'a> {
+    kind: &'a str,
+    subtype: &'a str,
+    q: f64,
+    params: Vec<(&'a str, &'a str)>,
+}
+
+/// Parses and orders an `Accept` header as the API server does
+/// (`github.com/munnerz/goautoneg`): clauses without a `/` are dropped
+/// (except `*`), `q` defaults to 1, and clauses are insertion-sorted by its
+/// `Less` (higher q first, then non-wildcards). `None` past 12 clauses, where
+/// Go's sort stops being an insertion sort.
+fn accept_clauses(header: &str) -> Option<Vec<Clause<'_>>> {
+    let mut clauses = Vec::new();
+    for part in header.split(',') {
+        let part = part.trim_matches(' ');
+        let mut pieces = part.split(';');
+        let media = pieces.next().unwrap_or("");
+        let (kind, subtype) = match media.split_once('/') {
+            None if media.trim_matches(' ') == "*" => ("*", "*"),
+            None => continue,
+            Some((_, rest)) if rest.contains('/') => continue,
+            Some((kind, subtype)) => (kind.trim_matches(' '), subtype.trim_matches(' ')),
+        };
+        let mut clause = Clause {
+            kind,
+            subtype,
+            q: 1.0,
+            params: Vec::new(),
+        };
+        for param in pieces {
+            let Some((key, value)) = param.split_once('=') else {
+                continue;
+            };
+            if value.contains('=') {
+                continue;
+            }
+            let key = key.trim_matches(' ');
+            if key == "q" {
+                // strconv.ParseFloat(v, 32): anything unparsable is 0.
+                clause.q = value.parse::<f32>().map(f64::from).unwrap_or(0.0);
+            } else {
+                clause.params.push((key, value.trim_matches(' ')));
+            }
+        }
+        clauses.push(clause);
+    }
+    if clauses.len() > 12 {
+        return None;
+    }
+    let less = |a: &Clause<'_>, b: &Clause<'_>| {
+        a.q > b.q || (a.kind != "*" && b.kind == "*") || (a.subtype != "*" && b.subtype == "*")
     };
-    let Ok(accept) = accept.to_str() else { return false };
-    if accept.trim().is_empty() {
-        return true;
-    }
-    for range in accept.split(',') {
-        let mut parts = range.split(';').map(str::trim);
-        let media = parts.next().unwrap_or("").to_ascii_lowercase();
-        let params: Vec<&str> = parts.filter(|p| !p.is_empty()).collect();
-        let plain = params.iter().all(|p| {
-            let name = p.split('=').next().unwrap_or("").trim().to_ascii_lowercase();
-            name == "charset" || name == "q"
-        });
-        let zero_quality = params
-            .iter()
-            .any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0"));
-        if zero_quality {
-            continue;
-        }
-        match media.as_str() {
-            "application/json" | "*/*" | "application/*" => return plain,
-            // Another encoding the API server would pick first.
-            "application/vnd.kubernetes.protobuf"
-            | "application/yaml"
-            | "application/vnd.kubernetes.protobuf;stream=watch" => return false,
-            _ => continue,
+    for i in 1..clauses.len() {
+        let mut j = i;
+        while j > 0 && less(&clauses[j], &clauses[j - 1]) {
+            clauses.swap(j, j - 1);
+            j -= 1;
         }
     }
-    false
+    Some(clauses)
+}
+
+/// The media types the API server offers, in its order.
+const JSON: &str = "json";
+const YAML: &str = "yaml";
+const PROTOBUF: &str = "vnd.kubernetes.protobuf";
+
+/// The API server's choice (`NegotiateMediaTypeOptions`) among `offered`:
+/// the first clause, in sorted order, that matches an offered type with
+/// parameters it accepts. Parameters that change the rendering (`as`, `g`,
+/// `v` — tables and partial metadata —, `pretty`, `export`, `sv`, and
+/// `stream` outside a watch) make the answer one the cache does not render.
+fn negotiate(clauses: &[Clause<'_>], offered: &[&str], watch: bool) -> Option<Encoding> {
+    for clause in clauses {
+        for &subtype in offered {
+            let matches = (clause.kind == "application"
+                && (clause.subtype == subtype || clause.subtype == "*"))
+                || (clause.kind == "*" && clause.subtype == "*");
+            if !matches {
+                continue;
+            }
+            let plain = clause.params.iter().all(|(key, value)| match *key {
+                "stream" => watch && *value == "watch",
+                "as" | "g" | "v" | "pretty" | "export" | "sv" => false,
+                // charset and anything else the API server ignores.
+                _ => true,
+            });
+            return match subtype {
+                JSON if plain => Some(Encoding::Json),
+                PROTOBUF if plain => Some(Encoding::Protobuf),
+                _ => None,
+            };
+        }
+    }
+    None
+}
+
+/// What the client's `Accept` header asks of a read.
+fn negotiated(headers: &HeaderMap, watch: bool) -> Negotiated {
+    let header = match headers.get(header::ACCEPT).map(HeaderValue::to_str) {
+        None => "",
+        Some(Ok(header)) => header,
+        Some(Err(_)) => {
+            return Negotiated {
+                with_protobuf: None,
+                without_protobuf: None,
+            }
+        }
+    };
+    // No Accept at all: the first offered type.
+    if header.is_empty() {
+        return Negotiated {
+            with_protobuf: Some(Encoding::Json),
+            without_protobuf: Some(Encoding::Json),
+        };
+    }
+    match accept_clauses(header) {
+        Some(clauses) => Negotiated {
+            with_protobuf: negotiate(&clauses, &[JSON, YAML, PROTOBUF], watch),
+            without_protobuf: negotiate(&clauses, &[JSON, YAML], watch),
+        },
+        None => Negotiated {
+            with_protobuf: None,
+            without_protobuf: None,
+        },
+    }
+}
+
+impl ReadPlan {
+    /// The encoding to answer in, for `spec`: what the API server would pick
+    /// given the resource's media types; an aggregated API's only when that
+    /// does not depend on whether it speaks protobuf.
+    ///
+    /// # Errors
+    /// [`Bypass::Encoding`]: not an encoding the cache renders for this
+    /// resource (custom resources asked for protobuf alone get the API
+    /// server's 406; resources whose protobuf fields kache cannot read are
+    /// forwarded too).
+    pub fn encoding(&self, spec: &ResourceSpec) -> Result<Encoding, Bypass> {
+        let Negotiated {
+            with_protobuf,
+            without_protobuf,
+        } = self.accept;
+        let encoding = match spec.speaks_protobuf {
+            Some(true) => with_protobuf,
+            Some(false) => without_protobuf,
+            None => with_protobuf.filter(|_| with_protobuf == without_protobuf),
+        };
+        match encoding {
+            Some(Encoding::Protobuf) if !spec.protobuf_cacheable() => Err(Bypass::Encoding),
+            Some(encoding) => Ok(encoding),
+            None => Err(Bypass::Encoding),
+        }
+    }
 }
 
 /// Whether every field of the selector is one the resource supports.
@@ -238,12 +379,16 @@ fn matches(plan: &ReadPlan, object: &Object) -> bool {
     plan.label.matches(&object.labels) && plan.field.matches(&object.fields)
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Bytes> {
+fn response(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response<Bytes> {
     let mut response = Response::new(Bytes::from(body));
     *response.status_mut() = status;
+    let content_type = match encoding {
+        Encoding::Json => "application/json",
+        Encoding::Protobuf => crate::protobuf::CONTENT_TYPE,
+    };
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
@@ -251,11 +396,21 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Bytes> {
     response
 }
 
-/// The API server's answer to a LIST at the store's current state.
-pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store) -> Response<Bytes> {
+/// The API server's answer to a LIST at the store's current state, in the
+/// store's `encoding`.
+pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> Response<Bytes> {
     let namespace = (!plan.namespace.is_empty()).then_some(plan.namespace.as_str());
     let snapshot = store.snapshot(namespace, |o| matches(plan, o));
-    let size: usize = snapshot.objects.iter().map(|o| o.json().len() + 1).sum();
+    if encoding == Encoding::Protobuf {
+        let body = crate::protobuf::list_body(
+            &spec.api_version(),
+            &format!("{}List", spec.kind),
+            snapshot.resource_version,
+            snapshot.objects.iter().map(|o| &o.bytes()[..]),
+        );
+        return response(StatusCode::OK, encoding, body);
+    }
+    let size: usize = snapshot.objects.iter().map(|o| o.bytes().len() + 1).sum();
     let mut body = Vec::with_capacity(size + 160);
     body.extend_from_slice(b"{\"kind\":");
     write_json_string(&mut body, &format!("{}List", spec.kind));
@@ -271,22 +426,38 @@ pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store) -> Response<Byt
         object.write_item(&mut body);
     }
     body.extend_from_slice(b"]}\n");
-    json_response(StatusCode::OK, body)
+    response(StatusCode::OK, encoding, body)
 }
 
-/// The API server's answer to a GET: the object, or its `NotFound` Status.
-pub fn get(name: &str, plan: &ReadPlan, spec: &ResourceSpec, store: &Store) -> Response<Bytes> {
-    match store.get(&plan.namespace, name).0 {
-        Some(object) => {
-            let mut body = object.json().to_vec();
+/// The API server's answer to a GET: the object, or its `NotFound` Status,
+/// in the store's `encoding`.
+pub fn get(
+    name: &str,
+    plan: &ReadPlan,
+    spec: &ResourceSpec,
+    store: &Store,
+    encoding: Encoding,
+) -> Response<Bytes> {
+    match (store.get(&plan.namespace, name).0, encoding) {
+        (Some(object), Encoding::Json) => {
+            let mut body = object.bytes().to_vec();
             body.push(b'\n');
-            json_response(StatusCode::OK, body)
+            response(StatusCode::OK, encoding, body)
         }
-        None => not_found(name, spec),
+        (Some(object), Encoding::Protobuf) => {
+            let body = crate::protobuf::object_body(&spec.api_version(), &spec.kind, object.bytes());
+            response(StatusCode::OK, encoding, body)
+        }
+        (None, _) => not_found(name, spec, encoding),
     }
 }
 
-fn not_found(name: &str, spec: &ResourceSpec) -> Response<Bytes> {
+fn not_found(name: &str, spec: &ResourceSpec, encoding: Encoding) -> Response<Bytes> {
+    let message = format!("{} \"{}\" not found", spec.qualified_resource(), name);
+    if encoding == Encoding::Protobuf {
+        let body = crate::protobuf::not_found_body(&message, name, &spec.group, &spec.resource);
+        return response(StatusCode::NOT_FOUND, encoding, body);
+    }
     let mut details = serde_json::json!({ "name": name, "kind": spec.resource });
     if !spec.group.is_empty() {
         details["group"] = serde_json::Value::from(spec.group.as_str());
@@ -296,14 +467,14 @@ fn not_found(name: &str, spec: &ResourceSpec) -> Response<Bytes> {
         "apiVersion": "v1",
         "metadata": {},
         "status": "Failure",
-        "message": format!("{} \"{}\" not found", spec.qualified_resource(), name),
+        "message": message,
         "reason": "NotFound",
         "details": details,
         "code": 404,
     });
     let mut body = serde_json::to_vec(&status).expect("invariant: a Status serializes");
     body.push(b'\n');
-    json_response(StatusCode::NOT_FOUND, body)
+    response(StatusCode::NOT_FOUND, encoding, body)
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
@@ -341,6 +512,7 @@ pub fn watch(
     plan: ReadPlan,
     spec: Arc<ResourceSpec>,
     store: Arc<Store>,
+    encoding: Encoding,
     settings: &WatchSettings,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Response<ByteStream>, TooOld> {
@@ -356,6 +528,11 @@ pub fn watch(
     let timeout = timeout.unwrap_or_else(|| jittered(settings.default_timeout));
     let (tx, rx) = mpsc::channel::<Result<Bytes, FetchError>>(settings.buffer.max(1));
     let interval = settings.bookmark_interval;
+    let frames = Frames {
+        encoding,
+        api_version: spec.api_version(),
+        kind: spec.kind.clone(),
+    };
     tokio::spawn(async move {
         let _guard = OnEnd(Some(on_end));
         let deadline = tokio::time::sleep(timeout);
@@ -363,7 +540,7 @@ pub fn watch(
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let mut last_sent = start.resource_version;
         for event in &start.initial {
-            if let Some(frame) = frame_for(&plan, event) {
+            if let Some(frame) = frame_for(&plan, &frames, event) {
                 if tx.send(Ok(frame)).await.is_err() {
                     return;
                 }
@@ -375,7 +552,7 @@ pub fn watch(
                 notice = feed.recv() => match notice {
                     Ok(Notice::Event(event)) => {
                         last_sent = event.resource_version;
-                        if let Some(frame) = frame_for(&plan, &event) {
+                        if let Some(frame) = frame_for(&plan, &frames, &event) {
                             if !deliver(&tx, frame, &feed, store.backlog()).await {
                                 return;
                             }
@@ -388,7 +565,7 @@ pub fn watch(
                 },
                 _ = ticker.tick(), if bookmarks => {
                     let rv = store.resource_version().max(last_sent);
-                    if tx.send(Ok(bookmark(&spec, rv))).await.is_err() {
+                    if tx.send(Ok(frames.bookmark(&store, rv))).await.is_err() {
                         return;
                     }
                 }
@@ -399,9 +576,13 @@ pub fn watch(
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     let mut response = Response::new(Box::pin(stream) as ByteStream);
+    let content_type = match encoding {
+        Encoding::Json => "application/json",
+        Encoding::Protobuf => crate::protobuf::WATCH_CONTENT_TYPE,
+    };
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response.headers_mut().insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
@@ -463,7 +644,7 @@ fn jittered(base: Duration) -> Duration {
 /// The frame a watcher gets for an event, if any, with the API server's
 /// selector transitions: an object that starts matching is ADDED, one that
 /// stops matching is DELETED (its previous state at the event's version).
-fn frame_for(plan: &ReadPlan, event: &Event) -> Option<Bytes> {
+fn frame_for(plan: &ReadPlan, frames: &Frames, event: &Event) -> Option<Bytes> {
     let in_scope = |o: &Object| plan.namespace.is_empty() || o.namespace == plan.namespace;
     if !in_scope(&event.object) {
         return None;
@@ -476,22 +657,69 @@ fn frame_for(plan: &ReadPlan, event: &Event) -> Option<Bytes> {
                 .prev
                 .as_deref()
                 .map_or_else(|| matches(plan, &event.object), |prev| matches(plan, prev));
-            passes.then(|| event_frame("DELETED", event.object.json()))
+            passes.then(|| frames.event("DELETED", event.object.bytes()))
         }
-        (_, true, false) => Some(event_frame("ADDED", event.object.json())),
-        (_, true, true) => Some(event_frame("MODIFIED", event.object.json())),
+        (_, true, false) => Some(frames.event("ADDED", event.object.bytes())),
+        (_, true, true) => Some(frames.event("MODIFIED", event.object.bytes())),
         (_, false, true) => {
             let prev = event.prev.as_deref()?;
-            Some(event_frame(
+            Some(frames.event(
                 "DELETED",
-                &with_resource_version(prev.json(), event.resource_version),
+                &frames.with_resource_version(prev.bytes(), event.resource_version),
             ))
         }
         (_, false, false) => None,
     }
 }
 
-fn event_frame(kind: &str, object: &[u8]) -> Bytes {
+/// How one watch writes its events: JSON lines, or length-prefixed protobuf
+/// `WatchEvent`s whose objects are wrapped in an envelope of the type.
+struct Frames {
+    encoding: Encoding,
+    api_version: String,
+    kind: String,
+}
+
+impl Frames {
+    fn event(&self, kind: &str, object: &[u8]) -> Bytes {
+        match self.encoding {
+            Encoding::Json => json_event_frame(kind, object),
+            Encoding::Protobuf => crate::protobuf::watch_frame(kind, &self.api_version, &self.kind, object),
+        }
+    }
+
+    fn with_resource_version(&self, object: &[u8], resource_version: u64) -> Bytes {
+        match self.encoding {
+            Encoding::Json => json_with_resource_version(object, resource_version),
+            Encoding::Protobuf => crate::protobuf::with_resource_version(object, resource_version),
+        }
+    }
+
+    /// A BOOKMARK at `resource_version`: an empty object of the type with
+    /// only its version set (protobuf: the API server's own empty object, as
+    /// the store last saw one).
+    fn bookmark(&self, store: &Store, resource_version: u64) -> Bytes {
+        match self.encoding {
+            Encoding::Json => {
+                let object = serde_json::json!({
+                    "kind": self.kind,
+                    "apiVersion": self.api_version,
+                    "metadata": {"resourceVersion": resource_version.to_string(), "creationTimestamp": null},
+                });
+                json_event_frame(
+                    "BOOKMARK",
+                    &serde_json::to_vec(&object).expect("invariant: a Value serializes"),
+                )
+            }
+            Encoding::Protobuf => {
+                let object = crate::protobuf::bookmark_object(store.bookmark().as_deref(), resource_version);
+                self.event("BOOKMARK", &object)
+            }
+        }
+    }
+}
+
+fn json_event_frame(kind: &str, object: &[u8]) -> Bytes {
     let mut frame = Vec::with_capacity(object.len() + 32);
     frame.extend_from_slice(b"{\"type\":\"");
     frame.extend_from_slice(kind.as_bytes());
@@ -501,7 +729,7 @@ fn event_frame(kind: &str, object: &[u8]) -> Bytes {
     Bytes::from(frame)
 }
 
-fn with_resource_version(json: &[u8], resource_version: u64) -> Bytes {
+fn json_with_resource_version(json: &[u8], resource_version: u64) -> Bytes {
     match serde_json::from_slice::<serde_json::Value>(json) {
         Ok(mut value) => {
             value["metadata"]["resourceVersion"] = serde_json::Value::from(resource_version.to_string());
@@ -509,18 +737,6 @@ fn with_resource_version(json: &[u8], resource_version: u64) -> Bytes {
         }
         Err(_) => Bytes::copy_from_slice(json),
     }
-}
-
-fn bookmark(spec: &ResourceSpec, resource_version: u64) -> Bytes {
-    let object = serde_json::json!({
-        "kind": spec.kind,
-        "apiVersion": spec.api_version(),
-        "metadata": {"resourceVersion": resource_version.to_string(), "creationTimestamp": null},
-    });
-    event_frame(
-        "BOOKMARK",
-        &serde_json::to_vec(&object).expect("invariant: a Value serializes"),
-    )
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! The writer of a store: LIST then WATCH one resource, as an informer does.
+//! The writer of a store: LIST then WATCH one resource in one encoding, as an
+//! informer does (a protobuf store is fed by protobuf requests, see
+//! [`crate::protobuf`]).
 //!
 //! ```text
 //!   LIST ?resourceVersion=0 ──► Store::replace (whole, at the list's version)
@@ -25,7 +27,7 @@ use http::{Request, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::store::{parse_resource_version, EventType, Object, Store};
+use crate::store::{parse_resource_version, Encoding, EventType, Object, Store};
 use crate::upstream::{ApiClient, FetchError};
 
 /// What kache knows about a cached resource, from discovery.
@@ -41,6 +43,10 @@ pub struct ResourceSpec {
     /// meta, only `metadata.name`/`metadata.namespace` are selectable fields,
     /// and there is no protobuf.
     pub custom: bool,
+    /// Whether the API server answers this resource in protobuf: built-in
+    /// types do, custom resources do not, and an aggregated API server
+    /// decides for itself (`None`: unknown).
+    pub speaks_protobuf: Option<bool>,
 }
 
 impl ResourceSpec {
@@ -99,6 +105,31 @@ impl ResourceSpec {
     pub fn object(&self, json: Bytes) -> Result<Object, crate::store::ObjectError> {
         Object::from_json(json, !self.custom, |value| self.field_values(value))
     }
+
+    /// Whether the cache may keep this resource in protobuf: a built-in type
+    /// whose selectable fields it knows how to read from the messages.
+    pub fn protobuf_cacheable(&self) -> bool {
+        self.speaks_protobuf == Some(true)
+            && crate::protobuf::fields_known(&self.group, &self.version, &self.resource)
+    }
+
+    /// Parses an object's protobuf message as the store keeps it.
+    ///
+    /// # Errors
+    /// The message is malformed or has no name and resourceVersion.
+    pub fn protobuf_object(&self, message: Bytes) -> Result<Object, crate::store::ObjectError> {
+        Object::from_protobuf(message, |m| {
+            crate::protobuf::field_values(&self.group, &self.version, &self.resource, m)
+        })
+    }
+
+    /// The `Accept` header of the reflector's requests.
+    fn accept(encoding: Encoding) -> &'static str {
+        match encoding {
+            Encoding::Json => "application/json",
+            Encoding::Protobuf => crate::protobuf::CONTENT_TYPE,
+        }
+    }
 }
 
 /// How the reflector paces itself.
@@ -121,16 +152,18 @@ impl Default for ReflectorConfig {
     }
 }
 
-/// Keeps `store` in sync with the API server until the future is dropped.
+/// Keeps `store` in sync with the API server, in `encoding`, until the
+/// future is dropped.
 pub async fn run(
     client: Arc<dyn ApiClient>,
     spec: Arc<ResourceSpec>,
     store: Arc<Store>,
     config: ReflectorConfig,
+    encoding: Encoding,
 ) {
     let mut backoff = config.min_backoff;
     loop {
-        match list(client.as_ref(), &spec).await {
+        match list(client.as_ref(), &spec, encoding).await {
             Ok((objects, resource_version)) => {
                 tracing::debug!(resource = %spec.qualified_resource(), objects = objects.len(), resource_version, "listed");
                 store.replace(objects, resource_version);
@@ -146,7 +179,7 @@ pub async fn run(
         }
         // Watch from the store's version until it is gone.
         loop {
-            match watch(client.as_ref(), &spec, &store, &config).await {
+            match watch(client.as_ref(), &spec, &store, &config, encoding).await {
                 WatchEnd::Renew => {
                     store.mark_synced();
                     backoff = config.min_backoff;
@@ -176,10 +209,15 @@ struct RawList<'a> {
     items: Vec<&'a RawValue>,
 }
 
-/// LIST at `resourceVersion=0`: the objects (with type meta) and the list's version.
-async fn list(client: &dyn ApiClient, spec: &ResourceSpec) -> Result<(Vec<Object>, u64), FetchError> {
+/// LIST at `resourceVersion=0`: the objects (JSON with type meta, or
+/// protobuf messages) and the list's version.
+async fn list(
+    client: &dyn ApiClient,
+    spec: &ResourceSpec,
+    encoding: Encoding,
+) -> Result<(Vec<Object>, u64), FetchError> {
     let request = Request::get(format!("{}?resourceVersion=0", spec.collection_path()))
-        .header(header::ACCEPT, "application/json")
+        .header(header::ACCEPT, ResourceSpec::accept(encoding))
         .body(())
         .map_err(|e| FetchError(e.to_string()))?;
     let response = client.fetch(request).await?;
@@ -190,7 +228,14 @@ async fn list(client: &dyn ApiClient, spec: &ResourceSpec) -> Result<(Vec<Object
             response.status()
         )));
     }
-    let list: RawList<'_> = serde_json::from_slice(response.body())
+    match encoding {
+        Encoding::Json => json_list(spec, response.body()),
+        Encoding::Protobuf => protobuf_list(spec, response.body()),
+    }
+}
+
+pub(crate) fn json_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>, u64), FetchError> {
+    let list: RawList<'_> = serde_json::from_slice(body)
         .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
     let resource_version = parse_resource_version(&list.metadata.resource_version)
         .ok_or_else(|| FetchError(format!("LIST {}: no resourceVersion", spec.collection_path())))?;
@@ -221,6 +266,24 @@ async fn list(client: &dyn ApiClient, spec: &ResourceSpec) -> Result<(Vec<Object
     Ok((objects, resource_version))
 }
 
+/// A protobuf list: each item is the object's own message, copied out so a
+/// long-lived object does not keep the whole list's buffer alive.
+pub(crate) fn protobuf_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>, u64), FetchError> {
+    let failed = |e: &dyn std::fmt::Display| FetchError(format!("LIST {}: {e}", spec.collection_path()));
+    let list = crate::protobuf::unwrap(body).map_err(|e| failed(&e))?;
+    let (resource_version, items) = crate::protobuf::list_items(list.raw).map_err(|e| failed(&e))?;
+    let resource_version =
+        parse_resource_version(&resource_version).ok_or_else(|| failed(&"no resourceVersion"))?;
+    let objects = items
+        .into_iter()
+        .map(|item| {
+            spec.protobuf_object(Bytes::copy_from_slice(item))
+                .map_err(|e| failed(&e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((objects, resource_version))
+}
+
 #[derive(Deserialize)]
 struct RawEvent<'a> {
     #[serde(rename = "type")]
@@ -229,7 +292,7 @@ struct RawEvent<'a> {
     object: &'a RawValue,
 }
 
-enum WatchEnd {
+pub(crate) enum WatchEnd {
     Renew,
     Expired,
     Failed(FetchError),
@@ -240,6 +303,7 @@ async fn watch(
     spec: &ResourceSpec,
     store: &Store,
     config: &ReflectorConfig,
+    encoding: Encoding,
 ) -> WatchEnd {
     let uri = format!(
         "{}?allowWatchBookmarks=true&resourceVersion={}&timeoutSeconds={}&watch=true",
@@ -248,7 +312,7 @@ async fn watch(
         config.watch_timeout.as_secs().max(1)
     );
     let request = match Request::get(uri)
-        .header(header::ACCEPT, "application/json")
+        .header(header::ACCEPT, ResourceSpec::accept(encoding))
         .body(())
     {
         Ok(request) => request,
@@ -271,17 +335,31 @@ async fn watch(
             Err(error) => return WatchEnd::Failed(error),
         };
         buffer.extend_from_slice(&chunk);
-        let mut consumed = 0;
-        while let Some(end) = buffer[consumed..].iter().position(|b| *b == b'\n') {
-            let line = &buffer[consumed..consumed + end];
-            consumed += end + 1;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        let consumed = match encoding {
+            Encoding::Json => {
+                let mut consumed = 0;
+                while let Some(end) = buffer[consumed..].iter().position(|b| *b == b'\n') {
+                    let line = &buffer[consumed..consumed + end];
+                    consumed += end + 1;
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    if let Some(end) = apply_event(spec, store, line) {
+                        return end;
+                    }
+                }
+                consumed
             }
-            if let Some(end) = apply_event(spec, store, line) {
-                return end;
+            Encoding::Protobuf => {
+                let (frames, consumed) = crate::protobuf::split_frames(&buffer);
+                for frame in frames {
+                    if let Some(end) = apply_protobuf_event(spec, store, frame) {
+                        return end;
+                    }
+                }
+                consumed
             }
-        }
+        };
         buffer.drain(..consumed);
     }
     WatchEnd::Renew
@@ -329,6 +407,52 @@ fn apply_event(spec: &ResourceSpec, store: &Store, line: &[u8]) -> Option<WatchE
         }
     };
     match spec.object(object) {
+        Ok(object) => {
+            store.apply(kind, object);
+            None
+        }
+        Err(e) => Some(WatchEnd::Failed(FetchError(format!("watch event object: {e}")))),
+    }
+}
+
+/// Applies one protobuf watch event (a frame without its length prefix);
+/// returns how the watch ends, if it does.
+pub(crate) fn apply_protobuf_event(spec: &ResourceSpec, store: &Store, frame: &[u8]) -> Option<WatchEnd> {
+    let event = match crate::protobuf::watch_event(frame) {
+        Ok(event) => event,
+        Err(e) => {
+            return Some(WatchEnd::Failed(FetchError(format!(
+                "undecodable watch event: {e}"
+            ))))
+        }
+    };
+    let kind = match event.kind {
+        b"ADDED" => EventType::Added,
+        b"MODIFIED" => EventType::Modified,
+        b"DELETED" => EventType::Deleted,
+        b"BOOKMARK" => {
+            let meta = crate::protobuf::object_meta(event.object.raw).unwrap_or_default();
+            if let Some(rv) = parse_resource_version(&meta.resource_version) {
+                store.remember_bookmark(Bytes::copy_from_slice(event.object.raw));
+                store.progress(rv);
+            }
+            return None;
+        }
+        b"ERROR" => {
+            let (code, message) = crate::protobuf::status(event.object.raw);
+            if code == Some(410) {
+                return Some(WatchEnd::Expired);
+            }
+            return Some(WatchEnd::Failed(FetchError(format!("watch error: {message}"))));
+        }
+        other => {
+            return Some(WatchEnd::Failed(FetchError(format!(
+                "unknown watch event type {:?}",
+                String::from_utf8_lossy(other)
+            ))))
+        }
+    };
+    match spec.protobuf_object(Bytes::copy_from_slice(event.object.raw)) {
         Ok(object) => {
             store.apply(kind, object);
             None

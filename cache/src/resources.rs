@@ -1,12 +1,18 @@
-//! The registry of cached resources: one store and reflector per resource,
-//! started by the first cacheable read, stopped when idle, dropped
-//! least-recently-used first when over the memory budget.
+//! The registry of cached resources: one store and reflector per (resource,
+//! encoding), started by the first cacheable read in that encoding, stopped
+//! when idle, dropped least-recently-used first when over the memory budget.
+//! A resource only ever read in JSON is only held in JSON; a built-in one
+//! read in protobuf gets a protobuf store of its own (see [`crate::protobuf`]).
 //!
 //! ```text
 //!   read ─► reads::plan ─► resource in the catalogue, listable and watchable?
 //!                               │ yes
 //!                               ▼
-//!           store (start its reflector on first use, wait ≤ sync timeout)
+//!           encoding the API server would answer in (JSON, or protobuf for built-ins)
+//!                               │
+//!                               ▼
+//!           (resource, encoding) store (start its reflector on first use,
+//!                                       wait ≤ sync timeout)
 //!                               │ synced
 //!                               ▼
 //!           reads::list / get / watch ─► answer            (any "no" ─► Bypass: forward)
@@ -33,7 +39,7 @@ use crate::discovery::Discovery;
 use crate::reads::{self, Bypass, MinVersion, ReadKind, WatchSettings};
 use crate::reflector::{self, ReflectorConfig, ResourceSpec};
 use crate::request::RequestInfo;
-use crate::store::Store;
+use crate::store::{Encoding, Store};
 use crate::upstream::{ApiClient, ByteStream};
 
 /// Groups served by the API server itself (protobuf-capable, list items
@@ -85,8 +91,16 @@ struct Gvr {
     resource: String,
 }
 
+/// What a store holds: one resource, in one encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    gvr: Gvr,
+    encoding: Encoding,
+}
+
 struct Cached {
     spec: Arc<ResourceSpec>,
+    encoding: Encoding,
     store: Arc<Store>,
     reflector: AbortHandle,
     /// Milliseconds since the registry started, of the last read.
@@ -103,6 +117,7 @@ impl Drop for Cached {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResourceLabels {
     resource: String,
+    encoding: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -128,7 +143,7 @@ impl CacheMetrics {
         let m = CacheMetrics::default();
         registry.register(
             "cache_hits",
-            "Reads answered from the object cache, by resource",
+            "Reads answered from the object cache, by resource and encoding",
             m.hits.clone(),
         );
         registry.register(
@@ -136,25 +151,29 @@ impl CacheMetrics {
             "Resource reads forwarded instead of answered from the cache, by reason",
             m.forwarded.clone(),
         );
-        registry.register("cache_objects", "Objects held, by resource", m.objects.clone());
+        registry.register(
+            "cache_objects",
+            "Objects held, by resource and encoding",
+            m.objects.clone(),
+        );
         registry.register(
             "cache_bytes",
-            "Bytes of objects held, by resource",
+            "Bytes of objects held, by resource and encoding",
             m.bytes.clone(),
         );
         registry.register(
             "cache_resource_version",
-            "The store's resourceVersion, by resource",
+            "The store's resourceVersion, by resource and encoding",
             m.resource_version.clone(),
         );
         registry.register(
             "cache_synced",
-            "1 while the resource's store is in sync",
+            "1 while the resource's store is in sync, by resource and encoding",
             m.synced.clone(),
         );
         registry.register(
             "cache_watchers",
-            "Watches served from the cache, by resource",
+            "Watches served from the cache, by resource and encoding",
             m.watchers.clone(),
         );
         registry.register(
@@ -178,9 +197,10 @@ struct Inner {
     config: CacheConfig,
     watch: WatchSettings,
     reflector: ReflectorConfig,
-    resources: DashMap<Gvr, Arc<Cached>>,
-    /// Resources not to try again before the instant.
-    negative: DashMap<Gvr, (Instant, Bypass)>,
+    resources: DashMap<Key, Arc<Cached>>,
+    /// Not to try again before the instant: a whole resource (`None`: not
+    /// cacheable) or one of its stores (evicted over the budget).
+    negative: DashMap<(Gvr, Option<Encoding>), (Instant, Bypass)>,
     started: Instant,
     metrics: CacheMetrics,
 }
@@ -224,9 +244,10 @@ impl Cache {
     ) -> Result<Answer, Bypass> {
         let result = self.try_serve(info, query, headers).await;
         match &result {
-            Ok(_) => {
+            Ok((_, encoding)) => {
                 let labels = ResourceLabels {
                     resource: resource_label(&info.group, &info.version, &info.resource),
+                    encoding: encoding.as_str(),
                 };
                 self.inner.metrics.hits.get_or_create(&labels).inc();
             }
@@ -241,7 +262,7 @@ impl Cache {
             }
             Err(_) => {}
         }
-        result
+        result.map(|(answer, _)| answer)
     }
 
     async fn try_serve(
@@ -249,15 +270,28 @@ impl Cache {
         info: &RequestInfo,
         query: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<Answer, Bypass> {
+    ) -> Result<(Answer, Encoding), Bypass> {
         if !self.inner.config.enabled {
             return Err(Bypass::Disabled);
         }
         let plan = reads::plan(info, query, headers)?;
-        let cached = self.resource(info).await?;
-        if !reads::fields_supported(&plan.field, &cached.spec) {
+        let gvr = Gvr {
+            group: info.group.clone(),
+            version: info.version.clone(),
+            resource: info.resource.clone(),
+        };
+        let spec = self.spec(&gvr).await?;
+        let encoding = plan.encoding(&spec)?;
+        if !reads::fields_supported(&plan.field, &spec) {
             return Err(Bypass::UnsupportedField);
         }
+        let cached = self.resource(Key { gvr, encoding }, spec).await?;
+        let answer = self.answer(plan, &cached).await?;
+        Ok((answer, encoding))
+    }
+
+    /// Answers a planned read from a cached store.
+    async fn answer(&self, plan: reads::ReadPlan, cached: &Cached) -> Result<Answer, Bypass> {
         cached.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
         let store = &cached.store;
         if !store.is_synced() {
@@ -269,9 +303,16 @@ impl Cache {
                 return Err(Bypass::NotFresh);
             }
         }
+        let encoding = cached.encoding;
         match &plan.kind {
-            ReadKind::List => Ok(Answer::Full(reads::list(&plan, &cached.spec, store))),
-            ReadKind::Get { name } => Ok(Answer::Full(reads::get(name, &plan, &cached.spec, store))),
+            ReadKind::List => Ok(Answer::Full(reads::list(&plan, &cached.spec, store, encoding))),
+            ReadKind::Get { name } => Ok(Answer::Full(reads::get(
+                name,
+                &plan,
+                &cached.spec,
+                store,
+                encoding,
+            ))),
             ReadKind::Watch { .. } => {
                 if let MinVersion::AtLeast(rv) = plan.version {
                     // A version from a fresher list than the store: wait briefly.
@@ -283,6 +324,7 @@ impl Cache {
                 watchers.fetch_add(1, Ordering::Relaxed);
                 let gauge = self.inner.metrics.watchers.get_or_create(&ResourceLabels {
                     resource: resource_label(&cached.spec.group, &cached.spec.version, &cached.spec.resource),
+                    encoding: encoding.as_str(),
                 });
                 gauge.inc();
                 let gauge = gauge.clone();
@@ -296,6 +338,7 @@ impl Cache {
                     plan,
                     cached.spec.clone(),
                     store.clone(),
+                    encoding,
                     &self.inner.watch,
                     on_end,
                 )
@@ -305,51 +348,68 @@ impl Cache {
         }
     }
 
-    /// The cached resource for a request: started on first use.
-    async fn resource(&self, info: &RequestInfo) -> Result<Arc<Cached>, Bypass> {
-        let gvr = Gvr {
-            group: info.group.clone(),
-            version: info.version.clone(),
-            resource: info.resource.clone(),
-        };
-        if let Some(cached) = self.inner.resources.get(&gvr) {
-            let cached = cached.clone();
-            return self.until_synced(cached).await;
+    /// What is known of a resource: from one of its stores, else from
+    /// discovery (a resource found not cacheable is remembered for a while).
+    async fn spec(&self, gvr: &Gvr) -> Result<Arc<ResourceSpec>, Bypass> {
+        for encoding in [Encoding::Json, Encoding::Protobuf] {
+            let key = Key {
+                gvr: gvr.clone(),
+                encoding,
+            };
+            if let Some(cached) = self.inner.resources.get(&key) {
+                return Ok(cached.spec.clone());
+            }
         }
-        if let Some(entry) = self.inner.negative.get(&gvr) {
+        if let Some(entry) = self.inner.negative.get(&(gvr.clone(), None)) {
             let (until, reason) = *entry;
             if Instant::now() < until {
                 return Err(reason);
             }
         }
-        let spec = match self.spec_for(&gvr).await {
-            Ok(spec) => spec,
+        match self.spec_for(gvr).await {
+            Ok(spec) => Ok(Arc::new(spec)),
             Err(reason) => {
                 self.inner
                     .negative
-                    .insert(gvr, (Instant::now() + NEGATIVE_TTL, reason));
+                    .insert((gvr.clone(), None), (Instant::now() + NEGATIVE_TTL, reason));
+                Err(reason)
+            }
+        }
+    }
+
+    /// The store of a resource in an encoding: started on first use.
+    async fn resource(&self, key: Key, spec: Arc<ResourceSpec>) -> Result<Arc<Cached>, Bypass> {
+        if let Some(cached) = self.inner.resources.get(&key) {
+            let cached = cached.clone();
+            return self.until_synced(cached).await;
+        }
+        if let Some(entry) = self.inner.negative.get(&(key.gvr.clone(), Some(key.encoding))) {
+            let (until, reason) = *entry;
+            if Instant::now() < until {
                 return Err(reason);
             }
-        };
+        }
+        let encoding = key.encoding;
         let cached = self
             .inner
             .resources
-            .entry(gvr)
+            .entry(key)
             .or_insert_with(|| {
                 let store = Arc::new(Store::new(
                     self.inner.config.event_window,
                     self.inner.config.watcher_backlog,
                 ));
-                let spec = Arc::new(spec);
-                tracing::info!(resource = %spec.qualified_resource(), version = %spec.version, "caching");
+                tracing::info!(resource = %spec.qualified_resource(), version = %spec.version, encoding = encoding.as_str(), "caching");
                 let task = tokio::spawn(reflector::run(
                     self.inner.client.clone(),
                     spec.clone(),
                     store.clone(),
                     self.inner.reflector.clone(),
+                    encoding,
                 ));
                 Arc::new(Cached {
                     spec,
+                    encoding,
                     store,
                     reflector: task.abort_handle(),
                     last_used: AtomicU64::new(self.inner.now_ms()),
@@ -382,7 +442,8 @@ impl Cache {
         if !(can("list") && can("watch") && can("get")) {
             return Err(Bypass::NotCacheable);
         }
-        let custom = !BUILT_IN_GROUPS.contains(&gvr.group.as_str()) && self.is_custom(gvr).await?;
+        let built_in = BUILT_IN_GROUPS.contains(&gvr.group.as_str());
+        let custom = !built_in && self.is_custom(gvr).await?;
         Ok(ResourceSpec {
             group: gvr.group.clone(),
             version: gvr.version.clone(),
@@ -390,6 +451,13 @@ impl Cache {
             kind: resource.kind,
             namespaced: resource.namespaced,
             custom,
+            speaks_protobuf: if built_in {
+                Some(true)
+            } else if custom {
+                Some(false)
+            } else {
+                None
+            },
         })
     }
 
@@ -432,7 +500,7 @@ impl Cache {
             }
             !idle
         });
-        let mut sizes: Vec<(Gvr, usize, u64)> = inner
+        let mut sizes: Vec<(Key, usize, u64)> = inner
             .resources
             .iter()
             .map(|e| {
@@ -445,15 +513,16 @@ impl Cache {
             .collect();
         let mut total: usize = sizes.iter().map(|(_, bytes, _)| bytes).sum();
         sizes.sort_by_key(|(_, _, last_used)| *last_used);
-        for (gvr, bytes, _) in sizes {
+        for (key, bytes, _) in sizes {
             if total <= inner.config.memory_budget_bytes {
                 break;
             }
-            tracing::warn!(resource = %gvr.resource, group = %gvr.group, bytes, "over the memory budget: dropping");
-            inner.resources.remove(&gvr);
-            inner
-                .negative
-                .insert(gvr, (Instant::now() + NEGATIVE_TTL, Bypass::OverBudget));
+            tracing::warn!(resource = %key.gvr.resource, group = %key.gvr.group, encoding = key.encoding.as_str(), bytes, "over the memory budget: dropping");
+            inner.resources.remove(&key);
+            inner.negative.insert(
+                (key.gvr, Some(key.encoding)),
+                (Instant::now() + NEGATIVE_TTL, Bypass::OverBudget),
+            );
             inner.metrics.evictions.inc();
             total -= bytes;
         }
@@ -461,6 +530,7 @@ impl Cache {
         for entry in inner.resources.iter() {
             let labels = ResourceLabels {
                 resource: resource_label(&entry.spec.group, &entry.spec.version, &entry.spec.resource),
+                encoding: entry.encoding.as_str(),
             };
             let (objects, bytes) = entry.store.size();
             inner.metrics.objects.get_or_create(&labels).set(objects as i64);
@@ -494,6 +564,7 @@ impl Cache {
                     "kind": e.spec.kind,
                     "namespaced": e.spec.namespaced,
                     "custom": e.spec.custom,
+                    "encoding": e.encoding.as_str(),
                     "synced": e.store.is_synced(),
                     "resourceVersion": e.store.resource_version().to_string(),
                     "objects": objects,
@@ -503,12 +574,22 @@ impl Cache {
                 })
             })
             .collect();
-        resources.sort_by_key(|r| (r["group"].to_string(), r["resource"].to_string()));
+        resources.sort_by_key(|r| {
+            (
+                r["group"].to_string(),
+                r["resource"].to_string(),
+                r["encoding"].to_string(),
+            )
+        });
         let negative: Vec<serde_json::Value> = self
             .inner
             .negative
             .iter()
-            .map(|e| serde_json::json!({"group": e.key().group, "version": e.key().version, "resource": e.key().resource, "reason": e.value().1.as_str()}))
+            .map(|e| {
+                let (gvr, encoding) = e.key();
+                serde_json::json!({"group": gvr.group, "version": gvr.version, "resource": gvr.resource,
+                    "encoding": encoding.map(Encoding::as_str), "reason": e.value().1.as_str()})
+            })
             .collect();
         serde_json::json!({
             "enabled": self.inner.config.enabled,
@@ -530,5 +611,139 @@ fn resource_label(group: &str, version: &str, resource: &str) -> String {
         format!("{version}/{resource}")
     } else {
         format!("{group}/{version}/{resource}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use http::{HeaderValue, Request, Response};
+
+    use super::*;
+    use crate::discovery::DiscoveryMetrics;
+    use crate::upstream::{BoxFuture, FetchError};
+
+    /// An API server holding the captured configmaps, in JSON and protobuf;
+    /// watches stay open and quiet. Records each request's URI and `Accept`.
+    #[derive(Default)]
+    struct Fake {
+        seen: Mutex<Vec<(String, String)>>,
+    }
+
+    fn fixture(name: &str) -> Bytes {
+        let path = format!("{}/testdata/protobuf/{name}", env!("CARGO_MANIFEST_DIR"));
+        Bytes::from(std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+    }
+
+    impl ApiClient for Fake {
+        fn fetch(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
+            let accept = request
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let uri = request.uri().to_string();
+            self.seen
+                .lock()
+                .expect("lock")
+                .push((uri.clone(), accept.clone()));
+            let body = match uri.as_str() {
+                "/api/v1" => Bytes::from_static(
+                    br#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"configmaps","namespaced":true,"kind":"ConfigMap","verbs":["get","list","watch"]}]}"#,
+                ),
+                "/api/v1/configmaps?resourceVersion=0" if accept == crate::protobuf::CONTENT_TYPE => {
+                    fixture("configmaps.pb")
+                }
+                "/api/v1/configmaps?resourceVersion=0" => fixture("configmaps.json"),
+                _ => return Box::pin(async { Err(FetchError("unexpected".into())) }),
+            };
+            Box::pin(async move { Ok(Response::new(body)) })
+        }
+
+        fn stream(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
+            self.seen
+                .lock()
+                .expect("lock")
+                .push((request.uri().to_string(), String::new()));
+            Box::pin(async { Ok(Response::new(Box::pin(futures::stream::pending()) as ByteStream)) })
+        }
+    }
+
+    fn request(uri: &str, accept: &str) -> (RequestInfo, Option<String>, HeaderMap) {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let info = RequestInfo::parse("GET", path, Some(query)).expect("parses");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::ACCEPT,
+            HeaderValue::from_str(accept).expect("header"),
+        );
+        (info, Some(query.to_string()), headers)
+    }
+
+    #[tokio::test]
+    async fn protobuf_reads_are_answered_from_a_protobuf_store_of_their_own() {
+        let fake = Arc::new(Fake::default());
+        let client: Arc<dyn ApiClient> = fake.clone();
+        let discovery = Discovery::new(client.clone(), Default::default(), DiscoveryMetrics::default());
+        let cache = Cache::new(client, discovery, CacheConfig::default(), CacheMetrics::default());
+        let uri = "/api/v1/namespaces/kache-pb/configmaps?resourceVersion=0";
+        let core = "application/vnd.kubernetes.protobuf,application/json";
+        for accept in [core, core, "application/json"] {
+            let (info, query, headers) = request(uri, accept);
+            let Ok(Answer::Full(response)) = cache.serve(&info, query.as_deref(), &headers).await else {
+                panic!("{accept}: not answered from the cache");
+            };
+            let body = response.body();
+            if accept == core {
+                assert_eq!(
+                    response.headers()[http::header::CONTENT_TYPE],
+                    crate::protobuf::CONTENT_TYPE
+                );
+                let list = crate::protobuf::unwrap(body).expect("protobuf");
+                assert_eq!(list.kind, b"ConfigMapList");
+                let (rv, items) = crate::protobuf::list_items(list.raw).expect("list");
+                assert_eq!((rv.as_str(), items.len()), ("766", 2));
+            } else {
+                let list: serde_json::Value = serde_json::from_slice(body).expect("json");
+                assert_eq!(list["items"].as_array().map(Vec::len), Some(2));
+            }
+        }
+        // A watch in protobuf from the same store.
+        let (info, query, headers) = request(
+            "/api/v1/namespaces/kache-pb/configmaps?watch=true&resourceVersion=0",
+            "application/vnd.kubernetes.protobuf",
+        );
+        let Ok(Answer::Stream(watch)) = cache.serve(&info, query.as_deref(), &headers).await else {
+            panic!("watch not served from the cache");
+        };
+        assert_eq!(
+            watch.headers()[http::header::CONTENT_TYPE],
+            crate::protobuf::WATCH_CONTENT_TYPE
+        );
+
+        let lists: Vec<_> = fake
+            .seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(uri, _)| uri == "/api/v1/configmaps?resourceVersion=0")
+            .map(|(_, accept)| accept.clone())
+            .collect();
+        assert_eq!(
+            lists,
+            [crate::protobuf::CONTENT_TYPE, "application/json"],
+            "one LIST per encoding"
+        );
+        let view = cache.debug_view();
+        let encodings: Vec<_> = view["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .map(|r| r["encoding"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(encodings, ["json", "protobuf"]);
     }
 }

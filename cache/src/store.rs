@@ -1,7 +1,8 @@
-//! One resource's objects, as the API server's watch cache holds them:
-//! ordered by (namespace, name), each with its JSON bytes and pre-extracted
-//! labels and selectable fields; the store's resourceVersion; a window of
-//! recent events for watches; and a broadcast of new events.
+//! One resource's objects in one encoding, as the API server's watch cache
+//! holds them: ordered by (namespace, name), each with its bytes (JSON, or
+//! the protobuf message) and pre-extracted labels and selectable fields; the
+//! store's resourceVersion; a window of recent events for watches; and a
+//! broadcast of new events.
 //!
 //! One writer (the reflector) applies events under a short write lock;
 //! readers take a short read lock to copy `Arc`s (a point-in-time view with
@@ -15,24 +16,43 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
+/// How a store's objects are encoded (and its answers rendered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    Json,
+    /// Built-in types only: see [`crate::protobuf`].
+    Protobuf,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::Protobuf => "protobuf",
+        }
+    }
+}
+
 /// An object as cached.
 #[derive(Debug)]
 pub struct Object {
     pub namespace: String,
     pub name: String,
     pub resource_version: u64,
-    /// The object as the API server sends it in a watch event or a GET:
-    /// with `kind` and `apiVersion`.
-    json: Bytes,
-    /// The object as a list item, where that differs (built-in types' list
-    /// items carry no `kind`/`apiVersion`): the offset in `json` where the
-    /// item's fields start after the type meta, so no second copy is kept.
+    /// JSON: the object as the API server sends it in a watch event or a
+    /// GET, with `kind` and `apiVersion`. Protobuf: the object's message,
+    /// which never carries type meta (the envelope does).
+    bytes: Bytes,
+    /// The JSON object as a list item, where that differs (built-in types'
+    /// list items carry no `kind`/`apiVersion`): the offset in `bytes` where
+    /// the item's fields start after the type meta, so no second copy is kept.
     item_offset: Option<usize>,
+    encoding: Encoding,
     pub labels: BTreeMap<String, String>,
     pub fields: BTreeMap<String, String>,
 }
 
-/// Why a JSON object could not be cached.
+/// Why an object could not be cached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ObjectError(pub String);
@@ -85,31 +105,71 @@ impl Object {
             name: name.to_string(),
             resource_version,
             fields: fields(&value),
-            json,
+            bytes: json,
             item_offset,
+            encoding: Encoding::Json,
             labels,
         })
     }
 
-    /// The object with `kind` and `apiVersion` (GET answers, watch events).
-    pub fn json(&self) -> &Bytes {
-        &self.json
+    /// Builds an object from a built-in object's protobuf message (the `raw`
+    /// of its envelope, or a list item); `fields` reads its selectable fields.
+    ///
+    /// # Errors
+    /// Not a well-formed message, or no `metadata.name` /
+    /// `metadata.resourceVersion`.
+    pub fn from_protobuf(
+        message: Bytes,
+        fields: impl FnOnce(&[u8]) -> BTreeMap<String, String>,
+    ) -> Result<Object, ObjectError> {
+        let meta = crate::protobuf::object_meta(&message)
+            .map_err(|e| ObjectError(format!("invalid object protobuf: {e}")))?;
+        if meta.name.is_empty() {
+            return Err(ObjectError("object without metadata.name".into()));
+        }
+        let resource_version = parse_resource_version(&meta.resource_version).ok_or_else(|| {
+            ObjectError(format!(
+                "object {} without a valid metadata.resourceVersion",
+                meta.name
+            ))
+        })?;
+        Ok(Object {
+            namespace: meta.namespace,
+            name: meta.name,
+            resource_version,
+            fields: fields(&message),
+            bytes: message,
+            item_offset: None,
+            encoding: Encoding::Protobuf,
+            labels: meta.labels,
+        })
     }
 
-    /// Appends the object as a list item.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    /// The object as GET answers and watch events carry it: JSON with `kind`
+    /// and `apiVersion`, or the protobuf message (to be put in an envelope).
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Appends the object as a list item: JSON without type meta for
+    /// built-in types; the protobuf message as it is (the list frames it).
     pub fn write_item(&self, out: &mut Vec<u8>) {
         match self.item_offset {
             Some(offset) => {
                 out.push(b'{');
-                out.extend_from_slice(&self.json[offset..]);
+                out.extend_from_slice(&self.bytes[offset..]);
             }
-            None => out.extend_from_slice(&self.json),
+            None => out.extend_from_slice(&self.bytes),
         }
     }
 
     /// Bytes held for this object (for the memory budget).
     pub fn size(&self) -> usize {
-        self.json.len()
+        self.bytes.len()
             + self.namespace.len()
             + self.name.len()
             + self.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
@@ -222,6 +282,9 @@ struct State {
     window_start: u64,
     synced: bool,
     bytes: usize,
+    /// The object of the API server's last BOOKMARK (protobuf stores: the
+    /// type's empty message, see [`crate::protobuf::bookmark_object`]).
+    bookmark: Option<Bytes>,
 }
 
 /// One resource's cached state. Readers hold an `Arc<Store>`.
@@ -303,6 +366,7 @@ impl Store {
         }
         let mut state = self.write();
         let had_watchers = state.synced;
+        let bookmark = state.bookmark.take();
         *state = State {
             objects: map,
             resource_version,
@@ -310,6 +374,7 @@ impl Store {
             window_start: resource_version,
             synced: true,
             bytes,
+            bookmark,
         };
         if had_watchers {
             let _ = self.notices.send(Notice::Reset);
@@ -372,6 +437,20 @@ impl Store {
         let _ = self.notices.send(Notice::Progress(resource_version));
         drop(state);
         self.version.send_replace(resource_version);
+    }
+
+    /// Keeps the object of a BOOKMARK the API server sent, as the model of
+    /// the bookmarks this store's watchers get.
+    pub(crate) fn remember_bookmark(&self, object: Bytes) {
+        let mut state = self.write();
+        if state.bookmark.as_ref() != Some(&object) {
+            state.bookmark = Some(object);
+        }
+    }
+
+    /// The object of the last BOOKMARK the API server sent, if any.
+    pub fn bookmark(&self) -> Option<Bytes> {
+        self.read().bookmark.clone()
     }
 
     /// Marks the store synced again after its reflector resumed watching
@@ -497,7 +576,7 @@ mod tests {
         let item: serde_json::Value = serde_json::from_slice(&item).unwrap();
         assert!(item.get("kind").is_none() && item.get("apiVersion").is_none());
         assert_eq!(item["metadata"]["name"], "x");
-        let full: serde_json::Value = serde_json::from_slice(o.json()).unwrap();
+        let full: serde_json::Value = serde_json::from_slice(o.bytes()).unwrap();
         assert_eq!(full["kind"], "ConfigMap");
         assert_eq!(o.labels["app"], "web");
     }

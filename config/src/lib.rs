@@ -278,16 +278,21 @@ impl Config {
             None => None,
         };
 
-        let mut accept_hosts: Vec<String> = if !args.accept_hosts.is_empty() {
+        // Loopback names are always accepted (they cannot be a rebinding
+        // attack); configured names come in addition, flags over the file.
+        let configured = if !args.accept_hosts.is_empty() {
             args.accept_hosts.clone()
-        } else if let Some(hosts) = &file.accept_hosts {
-            hosts.clone()
         } else {
-            DEFAULT_ACCEPT_HOSTS.iter().map(|h| h.to_string()).collect()
+            file.accept_hosts.clone().unwrap_or_default()
         };
-        accept_hosts.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
-        if accept_hosts.is_empty() {
-            errors.push("accept hosts must not be empty (use \"*\" to accept any Host)".into());
+        let mut accept_hosts: Vec<String> = DEFAULT_ACCEPT_HOSTS.iter().map(|h| h.to_string()).collect();
+        for host in configured {
+            let host = host.trim().to_ascii_lowercase();
+            if host.is_empty() {
+                errors.push("accept hosts must not be empty names (use \"*\" to accept any Host)".into());
+            } else if !accept_hosts.contains(&host) {
+                accept_hosts.push(host);
+            }
         }
 
         let max_header_bytes = file.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
@@ -419,6 +424,18 @@ mod tests {
         assert!(text.contains("--tls-key"), "{text}");
         assert!(text.contains("maxHeaderBytes"), "{text}");
         assert!(text.contains("upstream.timeoutSeconds"), "{text}");
+    }
+
+    #[test]
+    fn accepted_hosts_add_to_the_loopback_names() {
+        let config =
+            Config::merge(&serve(&["--accept-host", "Kache.Example"]), FileConfig::default()).expect("valid");
+        for host in ["localhost", "127.0.0.1", "[::1]", "kache.example"] {
+            assert!(config.listener.accept_hosts.contains(&host.to_string()), "{host}");
+        }
+        let err =
+            Config::merge(&serve(&["--accept-host", " "]), FileConfig::default()).expect_err("empty name");
+        assert!(err.to_string().contains("empty"), "{err}");
     }
 
     #[test]

@@ -126,6 +126,36 @@ impl Upstream {
             http::header::ACCEPT_ENCODING,
             http::HeaderValue::from_static("identity"),
         );
+        // A bodiless GET or HEAD can be sent again if a pooled connection
+        // turns out to have been closed by the upstream (a restart, an idle
+        // timeout) just as it was used.
+        let replay = (matches!(*request.method(), http::Method::GET | http::Method::HEAD)
+            && http_body::Body::is_end_stream(request.body()))
+        .then(|| {
+            let mut copy = Request::new(());
+            *copy.method_mut() = request.method().clone();
+            *copy.uri_mut() = request.uri().clone();
+            *copy.version_mut() = request.version();
+            *copy.headers_mut() = request.headers().clone();
+            copy
+        });
+        match self.send_once(request, exchange).await {
+            Err(ProxyError::UpstreamFailed(error)) if replay.is_some() => {
+                tracing::debug!(%error, "upstream connection failed under a read; sending it again");
+                let request = replay
+                    .expect("invariant: checked above")
+                    .map(|()| crate::body::empty());
+                self.send_once(request, exchange).await
+            }
+            result => result,
+        }
+    }
+
+    async fn send_once(
+        &self,
+        request: Request<Body>,
+        exchange: Exchange,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let service = match exchange {
             Exchange::Upgrade => self.upgrade_service.clone(),
             Exchange::Short | Exchange::LongRunning => self.service.clone(),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use http::HeaderMap;
 
 use super::*;
-use crate::store::Store;
+use crate::store::{Encoding, Store};
 
 fn info(method: &str, uri: &str) -> (RequestInfo, Option<String>) {
     let (path, query) = match uri.split_once('?') {
@@ -103,7 +103,7 @@ fn writes_are_never_planned() {
 }
 
 #[test]
-fn only_plain_json_is_answered() {
+fn only_encodings_the_cache_renders_are_planned() {
     let uri = "/api/v1/pods?resourceVersion=0";
     for accept in [
         "application/json",
@@ -111,18 +111,91 @@ fn only_plain_json_is_answered() {
         "application/json, */*",
         "application/json;charset=utf-8",
         "text/html, application/json",
+        "application/vnd.kubernetes.protobuf",
+        "application/vnd.kubernetes.protobuf,application/json",
+        // As, g and v only make tables of built-ins: custom resources get JSON.
+        "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,application/json",
     ] {
         assert!(plan_for(uri, Some(accept)).is_ok(), "{accept}");
     }
     for accept in [
         "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json",
         "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
-        "application/vnd.kubernetes.protobuf,application/json",
         "application/yaml",
+        "application/json;pretty=1",
         "text/html",
+        "APPLICATION/JSON",
+        "application/vnd.kubernetes.protobuf;stream=watch",
     ] {
         assert_eq!(plan_for(uri, Some(accept)).err(), Some(Bypass::Encoding), "{accept}");
     }
+}
+
+fn spec_speaking(speaks_protobuf: Option<bool>) -> ResourceSpec {
+    ResourceSpec {
+        speaks_protobuf,
+        custom: speaks_protobuf == Some(false),
+        ..spec(false)
+    }
+}
+
+#[test]
+fn the_encoding_is_the_api_servers_choice_for_the_resource() {
+    use Encoding::{Json, Protobuf};
+    let built_in = spec_speaking(Some(true));
+    let custom = spec_speaking(Some(false));
+    let aggregated = spec_speaking(None);
+    // Pods' own selectable fields are known for v1 only.
+    let other_version = ResourceSpec {
+        version: "v2".into(),
+        resource: "pods".into(),
+        kind: "Pod".into(),
+        ..built_in.clone()
+    };
+    let uri = "/api/v1/configmaps?resourceVersion=0";
+    let none = Err(Bypass::Encoding);
+    /// An `Accept` header and the encoding for each kind of resource.
+    type Case<'a> = (Option<&'a str>, [Result<Encoding, Bypass>; 4]);
+    #[rustfmt::skip]
+    let cases: &[Case<'_>] = &[
+        //  Accept                                              built-in       custom      aggregated  fields unknown
+        (None,                                                  [Ok(Json),     Ok(Json),   Ok(Json),   Ok(Json)]),
+        (Some(""),                                              [Ok(Json),     Ok(Json),   Ok(Json),   Ok(Json)]),
+        (Some("application/json"),                              [Ok(Json),     Ok(Json),   Ok(Json),   Ok(Json)]),
+        (Some("application/vnd.kubernetes.protobuf"),           [Ok(Protobuf), none,       none,       none]),
+        (Some("application/vnd.kubernetes.protobuf,application/json"),
+                                                                [Ok(Protobuf), Ok(Json),   none,       none]),
+        (Some("application/vnd.kubernetes.protobuf, */*"),      [Ok(Protobuf), Ok(Json),   none,       none]),
+        (Some("application/vnd.kubernetes.protobuf;charset=utf-8"),
+                                                                [Ok(Protobuf), none,       none,       none]),
+        // Higher q first, whatever the order.
+        (Some("application/json;q=0.5,application/vnd.kubernetes.protobuf"),
+                                                                [Ok(Protobuf), Ok(Json),   none,       none]),
+        (Some("application/vnd.kubernetes.protobuf;q=0.5,application/json"),
+                                                                [Ok(Json),     Ok(Json),   Ok(Json),   Ok(Json)]),
+        // Wildcards after specific types of the same q.
+        (Some("*/*,application/vnd.kubernetes.protobuf"),       [Ok(Protobuf), Ok(Json),   none,       none]),
+        (Some("application/*"),                                 [Ok(Json),     Ok(Json),   Ok(Json),   Ok(Json)]),
+        (Some("application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,application/json"),
+                                                                [none,         Ok(Json),   none,       none]),
+        (Some("application/yaml,application/vnd.kubernetes.protobuf"),
+                                                                [none,         none,       none,       none]),
+    ];
+    for (accept, expected) in cases {
+        // Forwarded at planning when no resource could be answered.
+        let got = match plan_for(uri, *accept) {
+            Ok(plan) => [&built_in, &custom, &aggregated, &other_version].map(|spec| plan.encoding(spec)),
+            Err(reason) => [Err(reason); 4],
+        };
+        assert_eq!(&got, expected, "{accept:?}");
+    }
+    // stream=watch is a watch's parameter.
+    let watch = plan_for(
+        "/api/v1/configmaps?watch=true&resourceVersion=0",
+        Some("application/vnd.kubernetes.protobuf;stream=watch"),
+    )
+    .expect("plan");
+    assert_eq!(watch.encoding(&built_in), Ok(Protobuf));
 }
 
 fn spec(custom: bool) -> ResourceSpec {
@@ -145,6 +218,7 @@ fn spec(custom: bool) -> ResourceSpec {
         },
         namespaced: true,
         custom,
+        speaks_protobuf: Some(!custom),
     }
 }
 
@@ -181,7 +255,7 @@ fn lists_render_like_the_api_server() {
         9,
     );
     let plan = plan_for("/api/v1/configmaps?resourceVersion=0&labelSelector=app", None).expect("plan");
-    let rendered = body_json(&list(&plan, &spec(false), &store));
+    let rendered = body_json(&list(&plan, &spec(false), &store, Encoding::Json));
     assert_eq!(rendered["kind"], "ConfigMapList");
     assert_eq!(rendered["apiVersion"], "v1");
     assert_eq!(rendered["metadata"], serde_json::json!({"resourceVersion": "9"}));
@@ -202,13 +276,13 @@ fn lists_render_like_the_api_server() {
         None,
     )
     .expect("plan");
-    let rendered = body_json(&list(&plan, &spec(false), &store));
+    let rendered = body_json(&list(&plan, &spec(false), &store, Encoding::Json));
     assert_eq!(rendered["items"].as_array().expect("items").len(), 1);
     assert_eq!(rendered["items"][0]["metadata"]["name"], "z");
 
     let plan = plan_for("/api/v1/namespaces/empty/configmaps?resourceVersion=0", None).expect("plan");
     assert_eq!(
-        body_json(&list(&plan, &spec(false), &store))["items"],
+        body_json(&list(&plan, &spec(false), &store, Encoding::Json))["items"],
         serde_json::json!([])
     );
 }
@@ -217,10 +291,10 @@ fn lists_render_like_the_api_server() {
 fn gets_render_the_object_or_the_api_servers_not_found() {
     let store = store_with(vec![configmap("a", "x", 2, &[])], 9);
     let plan = plan_for("/api/v1/namespaces/a/configmaps/x?resourceVersion=0", None).expect("plan");
-    let found = get("x", &plan, &spec(false), &store);
+    let found = get("x", &plan, &spec(false), &store, Encoding::Json);
     assert_eq!(found.status(), 200);
     assert_eq!(body_json(&found)["kind"], "ConfigMap");
-    let missing = get("nope", &plan, &spec(false), &store);
+    let missing = get("nope", &plan, &spec(false), &store, Encoding::Json);
     assert_eq!(missing.status(), 404);
     assert_eq!(
         body_json(&missing),
@@ -228,7 +302,7 @@ fn gets_render_the_object_or_the_api_servers_not_found() {
             "message":"configmaps \"nope\" not found","reason":"NotFound",
             "details":{"name":"nope","kind":"configmaps"},"code":404})
     );
-    let crd_missing = get("nope", &plan, &spec(true), &store);
+    let crd_missing = get("nope", &plan, &spec(true), &store, Encoding::Json);
     assert_eq!(
         body_json(&crd_missing)["message"],
         "crontabs.stable.example.com \"nope\" not found"
@@ -281,6 +355,7 @@ async fn watches_from_zero_start_with_the_state_then_follow_changes() {
         plan,
         Arc::new(spec(false)),
         store.clone(),
+        Encoding::Json,
         &WatchSettings::default(),
         || {},
     )
@@ -327,6 +402,7 @@ async fn selector_transitions_become_added_and_deleted() {
         plan,
         Arc::new(spec(false)),
         store.clone(),
+        Encoding::Json,
         &WatchSettings::default(),
         || {},
     )
@@ -363,14 +439,30 @@ async fn bookmarks_are_sent_only_when_asked() {
         None,
     )
     .expect("plan");
-    let response = watch(plan, Arc::new(spec(false)), store.clone(), &settings, || {}).expect("watch");
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &settings,
+        || {},
+    )
+    .expect("watch");
     store.progress(11);
     let events = frames(response, 1).await;
     assert_eq!(events[0]["type"], "BOOKMARK");
     assert_eq!(events[0]["object"]["metadata"]["resourceVersion"], "11");
 
     let plan = plan_for("/api/v1/configmaps?watch=true&resourceVersion=5", None).expect("plan");
-    let mut quiet = watch(plan, Arc::new(spec(false)), store.clone(), &settings, || {}).expect("watch");
+    let mut quiet = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &settings,
+        || {},
+    )
+    .expect("watch");
     use futures::StreamExt;
     let nothing = tokio::time::timeout(Duration::from_secs(5), quiet.body_mut().next()).await;
     assert!(nothing.is_err(), "no bookmark without allowWatchBookmarks");
@@ -391,6 +483,7 @@ async fn a_slow_watcher_is_ended_without_delaying_others() {
         plan.clone(),
         Arc::new(spec(false)),
         store.clone(),
+        Encoding::Json,
         &settings,
         move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
     )
@@ -399,6 +492,7 @@ async fn a_slow_watcher_is_ended_without_delaying_others() {
         plan,
         Arc::new(spec(false)),
         store.clone(),
+        Encoding::Json,
         &WatchSettings::default(),
         || {},
     )
@@ -435,6 +529,7 @@ fn too_old_versions_are_refused() {
         plan,
         Arc::new(spec(false)),
         store,
+        Encoding::Json,
         &WatchSettings::default(),
         || {}
     )
@@ -446,4 +541,109 @@ fn field_values_feed_field_selectors() {
     let fields: BTreeMap<String, String> = configmap("a", "x", 2, &[]).fields;
     assert_eq!(fields.get("metadata.name").map(String::as_str), Some("x"));
     assert_eq!(fields.get("metadata.namespace").map(String::as_str), Some("a"));
+}
+
+/// A ConfigMap's protobuf message: ObjectMeta{name, namespace,
+/// resourceVersion, labels}, then data {k: v}.
+fn pb_configmap(ns: &str, name: &str, rv: u64, labels: &[(&str, &str)]) -> Object {
+    fn field(out: &mut Vec<u8>, number: u8, content: &[u8]) {
+        out.push(number << 3 | 2);
+        out.push(u8::try_from(content.len()).expect("short"));
+        out.extend_from_slice(content);
+    }
+    let mut meta = Vec::new();
+    field(&mut meta, 1, name.as_bytes());
+    field(&mut meta, 3, ns.as_bytes());
+    field(&mut meta, 6, rv.to_string().as_bytes());
+    for (k, v) in labels {
+        let mut entry = Vec::new();
+        field(&mut entry, 1, k.as_bytes());
+        field(&mut entry, 2, v.as_bytes());
+        field(&mut meta, 11, &entry);
+    }
+    let mut message = Vec::new();
+    field(&mut message, 1, &meta);
+    field(&mut message, 2, b"\x0a\x01k\x12\x01v");
+    spec(false).protobuf_object(Bytes::from(message)).expect("object")
+}
+
+async fn protobuf_events(
+    mut response: Response<ByteStream>,
+    count: usize,
+) -> Vec<(String, crate::protobuf::Meta, Bytes)> {
+    use futures::StreamExt;
+    let mut buffer = Vec::new();
+    let mut out = Vec::new();
+    while out.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.body_mut().next())
+            .await
+            .expect("frame in time")
+            .expect("stream open")
+            .expect("no error");
+        buffer.extend_from_slice(&chunk);
+        let (frames, used) = crate::protobuf::split_frames(&buffer);
+        for frame in frames {
+            let event = crate::protobuf::watch_event(frame).expect("event");
+            assert_eq!(
+                (event.object.api_version, event.object.kind),
+                (&b"v1"[..], &b"ConfigMap"[..])
+            );
+            out.push((
+                String::from_utf8_lossy(event.kind).into_owned(),
+                crate::protobuf::object_meta(event.object.raw).expect("meta"),
+                Bytes::copy_from_slice(event.object.raw),
+            ));
+        }
+        buffer.drain(..used);
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn protobuf_watches_follow_selector_transitions_and_send_bookmarks() {
+    let store = Arc::new(Store::new(100, 100));
+    store.replace(vec![pb_configmap("a", "x", 2, &[("app", "web")])], 5);
+    let plan = plan_for(
+        "/api/v1/configmaps?watch=true&resourceVersion=5&labelSelector=app%3Dweb&allowWatchBookmarks=true",
+        Some("application/vnd.kubernetes.protobuf"),
+    )
+    .expect("plan");
+    let settings = WatchSettings {
+        bookmark_interval: Duration::from_secs(1),
+        ..WatchSettings::default()
+    };
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Protobuf,
+        &settings,
+        || {},
+    )
+    .expect("watch");
+    store.apply(EventType::Modified, pb_configmap("a", "x", 6, &[("app", "db")]));
+    store.apply(EventType::Modified, pb_configmap("a", "x", 8, &[("app", "web")]));
+    store.progress(11);
+    let events = protobuf_events(response, 3).await;
+    let summary: Vec<_> = events
+        .iter()
+        .map(|(kind, meta, _)| {
+            (
+                kind.as_str(),
+                meta.resource_version.as_str(),
+                meta.labels.get("app").cloned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("DELETED", "6", Some("web".to_string())),
+            ("ADDED", "8", Some("web".to_string())),
+            ("BOOKMARK", "11", None),
+        ],
+        "the previous state at the event's version, then the new one, then a bookmark"
+    );
+    // Without an API server bookmark to copy, only the version is set.
+    assert_eq!(events[2].2.as_ref(), b"\x0a\x04\x32\x0211");
 }

@@ -449,8 +449,10 @@ pub fn custom_resource_fields(namespaced: bool) -> &'static [&'static str] {
 /// The selectable field values of an object, as the API server's `GetAttrs`
 /// computes them, keyed by the names a client uses for this group (so
 /// `spec.host` for pods and the `regarding.*` names for events.k8s.io are
-/// present too), for every field in [`supported_fields`] (or the custom
-/// resource defaults).
+/// present too), for every field in [`supported_fields`]; for groups that are
+/// not built in, `metadata.name` and `metadata.namespace` (check a selector's
+/// fields against [`custom_resource_fields`] first: a cluster-scoped custom
+/// resource rejects `metadata.namespace`).
 ///
 /// `object` is the object as the API server serves it in this group (for
 /// events, core/v1 and events.k8s.io differ). Values follow Go's formatting:
@@ -665,7 +667,8 @@ mod tests {
     #[test]
     fn a_term_splits_at_its_first_operator() {
         use FieldOperator::*;
-        let cases: &[(&str, Option<(&str, FieldOperator, &str)>)] = &[
+        type Split<'a> = Option<(&'a str, FieldOperator, &'a str)>;
+        let cases: &[(&str, Split)] = &[
             ("a=value", Some(("a", Equals, "value"))),
             ("b==value", Some(("b", Equals, "value"))),
             ("c!=value", Some(("c", NotEquals, "value"))),

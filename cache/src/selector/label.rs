@@ -1307,6 +1307,7 @@ mod tests {
 
     /// `TestRequirementSelectorMatching`.
     #[test]
+    #[allow(clippy::type_complexity)]
     fn requirements_match_as_the_api_servers_do() {
         use Operator::*;
         let cases: &[(&[(&str, &str)], &[Requirement], bool)] = &[
