@@ -1,0 +1,98 @@
+//! The audit-log counting the load tests rely on: N requests through kache that must
+//! reach the API server are found exactly N times.
+
+#![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns (STYLE.md)
+
+use std::time::Duration;
+
+use kache_tests::{cluster, kubectl, AuditFilter, Kache, TestNamespace};
+
+const N: usize = 5;
+
+#[test]
+fn n_raw_gets_through_kache_are_n_audited_gets_by_kaches_user() {
+    let c = cluster();
+    // A namespace of its own, so no other test's requests match the URI.
+    let ns = TestNamespace::create("audit");
+    let path = format!("/api/v1/namespaces/{}", ns.name());
+    let kache = Kache::start(&c.admin_kubeconfig);
+
+    let mark = c.audit().mark();
+    for _ in 0..N {
+        let out = kubectl(kache.kubeconfig(), &["get", "--raw", &path]).ok();
+        assert_eq!(out.json()["metadata"]["name"], ns.name());
+    }
+    let gets = AuditFilter::new().user("admin").verb("get").uri(&path);
+    assert_eq!(
+        mark.settled_count(&gets, N, Duration::from_secs(10)),
+        N,
+        "{:#?}",
+        mark.matching(&gets)
+    );
+    let codes: Vec<_> = mark.matching(&gets).into_iter().map(|e| e.code).collect();
+    assert_eq!(codes, vec![Some(200); N]);
+
+    // The same counting sees direct requests too (and tells users apart).
+    let direct_mark = c.audit().mark();
+    kubectl(&c.alice_kubeconfig, &["get", "--raw", &path]);
+    let by_alice = AuditFilter::new().user("alice").uri(&path);
+    assert_eq!(
+        direct_mark.settled_count(&by_alice, 1, Duration::from_secs(10)),
+        1
+    );
+    assert_eq!(direct_mark.matching(&by_alice)[0].code, Some(403));
+    assert_eq!(
+        direct_mark.matching(&gets).len(),
+        0,
+        "alice's request was counted as admin's"
+    );
+}
+
+/// Sums the samples of a Prometheus counter whose labels include every `label`.
+fn counter_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            (rest.is_empty() || rest.starts_with('{')).then_some(())?;
+            labels
+                .iter()
+                .all(|want| rest.contains(want))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_count_the_requests_kache_served() {
+    let c = cluster();
+    let kache = Kache::start(&c.admin_kubeconfig);
+    let before = counter_sum(&kache.metrics(), "kache_http_requests_total", &["code=\"200\""]);
+    for _ in 0..N {
+        kubectl(
+            kache.kubeconfig(),
+            &["get", "--raw", "/api/v1/namespaces/default"],
+        )
+        .ok();
+    }
+    let metrics = kache.metrics();
+    assert!(
+        metrics.contains("kache_http_requests_total"),
+        "no kache_http_requests_total in:\n{metrics}"
+    );
+    let after = counter_sum(&metrics, "kache_http_requests_total", &["code=\"200\""]);
+    assert!(
+        after - before >= N as f64,
+        "{N} requests served, counter went {before} -> {after}:\n{metrics}"
+    );
+    let series = metrics
+        .lines()
+        .find(|l| l.starts_with("kache_http_requests_total{"))
+        .unwrap();
+    assert!(
+        series.contains("verb=") && series.contains("code="),
+        "labels verb and code expected: {series}"
+    );
+}
