@@ -18,11 +18,20 @@ fn label_sets() -> Vec<BTreeMap<String, String>> {
     (0..10_000)
         .map(|i: usize| {
             let mut labels = BTreeMap::new();
-            labels.insert("app".to_owned(), if i % 5 == 0 { "web" } else { "api" }.to_owned());
-            labels.insert("tier".to_owned(), ["frontend", "backend", "cache"][i % 3].to_owned());
+            labels.insert(
+                "app".to_owned(),
+                if i.is_multiple_of(5) { "web" } else { "api" }.to_owned(),
+            );
+            labels.insert(
+                "tier".to_owned(),
+                ["frontend", "backend", "cache"][i % 3].to_owned(),
+            );
             labels.insert("env".to_owned(), ["prod", "dev", "staging"][i % 3].to_owned());
-            labels.insert("pod-template-hash".to_owned(), format!("{:08x}", i * 2_654_435_761));
-            if i % 7 == 0 {
+            labels.insert(
+                "pod-template-hash".to_owned(),
+                format!("{:08x}", i * 2_654_435_761),
+            );
+            if i.is_multiple_of(7) {
                 labels.insert("canary".to_owned(), "true".to_owned());
             }
             labels
@@ -37,7 +46,10 @@ fn field_sets() -> Vec<BTreeMap<String, String>> {
                 ("metadata.name".to_owned(), format!("pod-{i}")),
                 ("metadata.namespace".to_owned(), format!("ns-{}", i % 20)),
                 ("spec.nodeName".to_owned(), format!("node-{}", i % 50)),
-                ("status.phase".to_owned(), ["Running", "Succeeded", "Pending"][i % 3].to_owned()),
+                (
+                    "status.phase".to_owned(),
+                    ["Running", "Succeeded", "Pending"][i % 3].to_owned(),
+                ),
             ])
         })
         .collect()
@@ -45,7 +57,9 @@ fn field_sets() -> Vec<BTreeMap<String, String>> {
 
 fn hand_written_labels(labels: &BTreeMap<String, String>) -> bool {
     labels.get("app").is_some_and(|v| v == "web")
-        && labels.get("tier").is_some_and(|v| v == "frontend" || v == "backend")
+        && labels
+            .get("tier")
+            .is_some_and(|v| v == "frontend" || v == "backend")
         && !labels.contains_key("canary")
         && labels.get("env").is_none_or(|v| v != "dev")
 }
@@ -71,7 +85,9 @@ fn selectors(c: &mut Criterion) {
         "the baseline computes the same predicate"
     );
 
-    c.bench_function("selectors/label/parse", |b| b.iter(|| LabelSelector::parse(black_box(LABEL_SELECTOR))));
+    c.bench_function("selectors/label/parse", |b| {
+        b.iter(|| LabelSelector::parse(black_box(LABEL_SELECTOR)))
+    });
     c.bench_function("selectors/label/parse_and_match_10k", |b| {
         b.iter(|| {
             let selector = LabelSelector::parse(black_box(LABEL_SELECTOR)).expect("parses");
@@ -79,10 +95,17 @@ fn selectors(c: &mut Criterion) {
         })
     });
     c.bench_function("selectors/label/hand_written_10k", |b| {
-        b.iter(|| black_box(&labels).iter().filter(|l| hand_written_labels(l)).count())
+        b.iter(|| {
+            black_box(&labels)
+                .iter()
+                .filter(|l| hand_written_labels(l))
+                .count()
+        })
     });
 
-    c.bench_function("selectors/field/parse", |b| b.iter(|| FieldSelector::parse(black_box(FIELD_SELECTOR))));
+    c.bench_function("selectors/field/parse", |b| {
+        b.iter(|| FieldSelector::parse(black_box(FIELD_SELECTOR)))
+    });
     c.bench_function("selectors/field/parse_and_match_10k", |b| {
         b.iter(|| {
             let selector = FieldSelector::parse(black_box(FIELD_SELECTOR)).expect("parses");
@@ -90,7 +113,12 @@ fn selectors(c: &mut Criterion) {
         })
     });
     c.bench_function("selectors/field/hand_written_10k", |b| {
-        b.iter(|| black_box(&fields).iter().filter(|f| hand_written_fields(f)).count())
+        b.iter(|| {
+            black_box(&fields)
+                .iter()
+                .filter(|f| hand_written_fields(f))
+                .count()
+        })
     });
 }
 
