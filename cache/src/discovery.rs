@@ -101,7 +101,15 @@ struct Key {
     path: String,
     query: String,
     accept: String,
+    /// The API server indents JSON for curl, Wget and browsers (its `isPrettyPrint`).
+    pretty: bool,
 }
+
+/// User-Agent prefixes the API server pretty-prints JSON for.
+const PRETTY_USER_AGENTS: &[&str] = &["curl", "Wget", "Mozilla/5.0"];
+
+/// What kache sends upstream to get the pretty rendering a client would get.
+const PRETTY_FETCH_USER_AGENT: &str = "curl/kache";
 
 /// A cached 200 answer.
 #[derive(Debug)]
@@ -276,6 +284,11 @@ impl Discovery {
             path: request.uri.path().to_string(),
             query: request.uri.query().unwrap_or("").to_string(),
             accept: accept.unwrap_or_default(),
+            pretty: request
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|ua| ua.to_str().ok())
+                .is_some_and(|ua| PRETTY_USER_AGENTS.iter().any(|p| ua.starts_with(p))),
         };
         let entry = match self.lookup(&key) {
             Lookup::Fresh(entry) => {
@@ -377,6 +390,7 @@ impl Discovery {
             path,
             query: String::new(),
             accept: "application/json".to_string(),
+            pretty: false,
         };
         let entry = match self.lookup(&key) {
             Lookup::Fresh(entry) if self.is_synced() => entry,
@@ -435,6 +449,9 @@ impl Inner {
         let mut request = Request::get(uri);
         if !key.accept.is_empty() {
             request = request.header(header::ACCEPT, key.accept.as_str());
+        }
+        if key.pretty {
+            request = request.header(header::USER_AGENT, PRETTY_FETCH_USER_AGENT);
         }
         let request = request
             .body(())

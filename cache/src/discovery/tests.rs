@@ -648,3 +648,23 @@ async fn the_catalogue_reads_resources_from_discovery() {
     );
     assert!(discovery.resources("broken.example.com", "v1").await.is_err());
 }
+
+#[tokio::test]
+async fn curl_and_browsers_get_their_own_pretty_entries() {
+    let fake = fake();
+    let discovery = synced(&fake, HOUR).await;
+    for ua in [
+        "kubectl/v1.32.4",
+        "curl/8.5.0",
+        "curl/7.88",
+        "Mozilla/5.0 (X11)",
+        "kube-rs/5",
+    ] {
+        get(&discovery, "/version", &[("user-agent", ua)]).await;
+    }
+    assert_eq!(
+        fake.fetches_of("/version"),
+        2,
+        "one compact entry, one pretty entry"
+    );
+}
