@@ -99,24 +99,11 @@ impl Pipeline {
             client_key = field::Empty,
             duration_ms = field::Empty,
         );
-        self.metrics.in_flight.inc();
-        let (verb, outcome, response) = self.run(peer, request).instrument(span.clone()).await;
-        self.metrics.in_flight.dec();
-
-        let elapsed = started.elapsed();
-        let code = response.status().as_u16();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels { verb, code, outcome })
-            .inc();
-        self.metrics
-            .duration
-            .get_or_create(&VerbLabels { verb })
-            .observe(elapsed.as_secs_f64());
-        span.record("status", code);
-        span.record("outcome", outcome);
-        span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
-        span.in_scope(|| tracing::info!("answered"));
+        // Counted until answered, or until the client goes away and hyper
+        // drops this future mid-way (the guard records that too).
+        let mut tracked = Tracked::start(&self.metrics, span.clone(), started);
+        let (verb, outcome, response) = self.run(peer, request).instrument(span).await;
+        tracked.finish(verb, outcome, response.status().as_u16());
         response
     }
 
@@ -260,6 +247,61 @@ impl Pipeline {
         rescue(error)
     }
 }
+
+/// A request being answered: counted in flight, and recorded once, when
+/// answered or when its client went away before the answer.
+struct Tracked<'a> {
+    metrics: &'a Metrics,
+    span: tracing::Span,
+    started: Instant,
+    finished: bool,
+}
+
+impl<'a> Tracked<'a> {
+    fn start(metrics: &'a Metrics, span: tracing::Span, started: Instant) -> Tracked<'a> {
+        metrics.in_flight.inc();
+        Tracked {
+            metrics,
+            span,
+            started,
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, verb: &'static str, outcome: &'static str, code: u16) {
+        self.finished = true;
+        self.record(verb, outcome, code);
+    }
+
+    fn record(&self, verb: &'static str, outcome: &'static str, code: u16) {
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels { verb, code, outcome })
+            .inc();
+        self.metrics
+            .duration
+            .get_or_create(&VerbLabels { verb })
+            .observe(elapsed.as_secs_f64());
+        self.span.record("status", code);
+        self.span.record("outcome", outcome);
+        self.span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
+        self.span.in_scope(|| tracing::info!("answered"));
+    }
+}
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        if !self.finished {
+            // 499, as proxies log a client that closed the request.
+            self.record("unknown", "cancelled", CLIENT_CLOSED_REQUEST);
+        }
+    }
+}
+
+/// The status proxies record for a request whose client went away first.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// What the admit stage needs, owned, so that a coalesced call can take its
 /// seat when (and only if) it is made.
