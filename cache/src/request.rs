@@ -109,6 +109,37 @@ impl std::fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+/// The API groups kube-apiserver serves itself, including those of its
+/// embedded apiextensions and aggregator servers: protobuf-capable, list
+/// items without type meta, per-resource field selectors. Any other group is
+/// a CustomResourceDefinition's or an aggregated API server's.
+pub const BUILT_IN_GROUPS: &[&str] = &[
+    "",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "apiregistration.k8s.io",
+    "apps",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "autoscaling",
+    "batch",
+    "certificates.k8s.io",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "events.k8s.io",
+    "extensions",
+    "flowcontrol.apiserver.k8s.io",
+    "internal.apiserver.k8s.io",
+    "networking.k8s.io",
+    "node.k8s.io",
+    "policy",
+    "rbac.authorization.k8s.io",
+    "resource.k8s.io",
+    "scheduling.k8s.io",
+    "storage.k8s.io",
+    "storagemigration.k8s.io",
+];
+
 /// Namespace subresources: `/api/v1/namespaces/{name}/{status,finalize}`
 /// address the namespace itself, not a resource inside it.
 const NAMESPACE_SUBRESOURCES: &[&str] = &["status", "finalize"];

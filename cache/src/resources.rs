@@ -42,36 +42,6 @@ use crate::request::RequestInfo;
 use crate::store::{Encoding, Store};
 use crate::upstream::{ApiClient, ByteStream};
 
-/// Groups served by the API server itself (protobuf-capable, list items
-/// without type meta, per-resource field selectors). Any other group is
-/// checked against the CustomResourceDefinitions.
-const BUILT_IN_GROUPS: &[&str] = &[
-    "",
-    "admissionregistration.k8s.io",
-    "apiextensions.k8s.io",
-    "apiregistration.k8s.io",
-    "apps",
-    "authentication.k8s.io",
-    "authorization.k8s.io",
-    "autoscaling",
-    "batch",
-    "certificates.k8s.io",
-    "coordination.k8s.io",
-    "discovery.k8s.io",
-    "events.k8s.io",
-    "extensions",
-    "flowcontrol.apiserver.k8s.io",
-    "internal.apiserver.k8s.io",
-    "networking.k8s.io",
-    "node.k8s.io",
-    "policy",
-    "rbac.authorization.k8s.io",
-    "resource.k8s.io",
-    "scheduling.k8s.io",
-    "storage.k8s.io",
-    "storagemigration.k8s.io",
-];
-
 /// How long a resource found not cacheable (or evicted) is forwarded before
 /// kache looks again.
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
@@ -442,7 +412,7 @@ impl Cache {
         if !(can("list") && can("watch") && can("get")) {
             return Err(Bypass::NotCacheable);
         }
-        let built_in = BUILT_IN_GROUPS.contains(&gvr.group.as_str());
+        let built_in = crate::request::BUILT_IN_GROUPS.contains(&gvr.group.as_str());
         let custom = !built_in && self.is_custom(gvr).await?;
         Ok(ResourceSpec {
             group: gvr.group.clone(),

@@ -376,33 +376,6 @@ const EVENTS_K8S_IO_FIELDS: &[&str] = &[
 /// (CronJob, where `status.successful` is accepted but always empty).
 const JOB_FIELDS: &[&str] = &["metadata.name", "metadata.namespace", "status.successful"];
 
-/// The API groups kube-apiserver v1.20 serves itself (including those of its
-/// embedded apiextensions and aggregator servers).
-const BUILT_IN_GROUPS: &[&str] = &[
-    "",
-    "admissionregistration.k8s.io",
-    "apiextensions.k8s.io",
-    "apiregistration.k8s.io",
-    "apps",
-    "authentication.k8s.io",
-    "authorization.k8s.io",
-    "autoscaling",
-    "batch",
-    "certificates.k8s.io",
-    "coordination.k8s.io",
-    "discovery.k8s.io",
-    "events.k8s.io",
-    "extensions",
-    "flowcontrol.apiserver.k8s.io",
-    "internal.apiserver.k8s.io",
-    "networking.k8s.io",
-    "node.k8s.io",
-    "policy",
-    "rbac.authorization.k8s.io",
-    "scheduling.k8s.io",
-    "storage.k8s.io",
-];
-
 /// The field paths kube-apiserver v1.20 accepts in a field selector on a
 /// built-in resource; any other field is a `400 Bad Request` (`field label
 /// not supported: …`), so a selector using one must be forwarded.
@@ -429,7 +402,7 @@ pub fn supported_fields(group: &str, resource: &str) -> Option<&'static [&'stati
         ("certificates.k8s.io", "certificatesigningrequests") => CSR_FIELDS,
         ("events.k8s.io", "events") => EVENTS_K8S_IO_FIELDS,
         ("batch", "jobs" | "cronjobs") => JOB_FIELDS,
-        (group, _) if BUILT_IN_GROUPS.contains(&group) => DEFAULT_FIELDS,
+        (group, _) if crate::request::BUILT_IN_GROUPS.contains(&group) => DEFAULT_FIELDS,
         _ => return None,
     })
 }
