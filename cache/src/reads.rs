@@ -416,7 +416,13 @@ pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encod
     write_json_string(&mut body, &format!("{}List", spec.kind));
     body.extend_from_slice(b",\"apiVersion\":");
     write_json_string(&mut body, &spec.api_version());
-    body.extend_from_slice(b",\"metadata\":{\"resourceVersion\":\"");
+    // Custom resources' lists come from the apiextensions server, which
+    // always writes an empty `continue`.
+    if spec.custom {
+        body.extend_from_slice(b",\"metadata\":{\"continue\":\"\",\"resourceVersion\":\"");
+    } else {
+        body.extend_from_slice(b",\"metadata\":{\"resourceVersion\":\"");
+    }
     body.extend_from_slice(snapshot.resource_version.to_string().as_bytes());
     body.extend_from_slice(b"\"},\"items\":[");
     for (i, object) in snapshot.objects.iter().enumerate() {

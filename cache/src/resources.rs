@@ -244,13 +244,22 @@ impl Cache {
         if !self.inner.config.enabled {
             return Err(Bypass::Disabled);
         }
-        let plan = reads::plan(info, query, headers)?;
+        let mut plan = reads::plan(info, query, headers)?;
         let gvr = Gvr {
             group: info.group.clone(),
             version: info.version.clone(),
             resource: info.resource.clone(),
         };
         let spec = self.spec(&gvr).await?;
+        if !spec.namespaced && !plan.namespace.is_empty() {
+            // `/api/v1/namespaces/{name}` names the namespace itself; any
+            // other cluster-scoped resource under a namespace is not a path
+            // the API server serves: let it answer.
+            if info.resource != "namespaces" {
+                return Err(Bypass::Parameters);
+            }
+            plan.namespace.clear();
+        }
         let encoding = plan.encoding(&spec)?;
         if !reads::fields_supported(&plan.field, &spec) {
             return Err(Bypass::UnsupportedField);
