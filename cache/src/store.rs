@@ -357,6 +357,14 @@ impl Store {
 
     /// Replaces the whole content with a fresh list: existing watchers are
     /// told to end (their clients relist), the event window restarts here.
+    /// A synced store holding `objects` at `resource_version`, with no writer:
+    /// for rendering a fixed state (benchmarks, tools).
+    pub fn from_objects(objects: Vec<Object>, resource_version: u64) -> Store {
+        let store = Store::new(1, 1);
+        store.replace(objects, resource_version);
+        store
+    }
+
     pub(crate) fn replace(&self, objects: Vec<Object>, resource_version: u64) {
         let mut map = BTreeMap::new();
         let mut bytes = 0;
