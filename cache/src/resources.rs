@@ -45,6 +45,9 @@ use crate::upstream::{ApiClient, ByteStream};
 /// How long a resource found not cacheable (or evicted) is forwarded before
 /// kache looks again.
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// How often preloaded resources are checked (and restarted if dropped);
+/// well under the idle timeout, so they never go idle.
+const PRELOAD_PERIOD: Duration = Duration::from_secs(30);
 /// How often idle resources and the memory budget are checked.
 const JANITOR_PERIOD: Duration = Duration::from_secs(10);
 
@@ -455,6 +458,52 @@ impl Cache {
             Ok(response) if response.status() == StatusCode::NOT_FOUND => Ok(false),
             _ => Err(Bypass::NotCacheable),
         }
+    }
+
+    /// Starts the resources the configuration preloads and keeps them cached
+    /// (retrying those that cannot be cached yet), until dropped.
+    pub async fn run_preload(self) {
+        if self.inner.config.preload.is_empty() {
+            return;
+        }
+        let mut ticker = tokio::time::interval(PRELOAD_PERIOD);
+        let mut reported = std::collections::HashSet::new();
+        loop {
+            ticker.tick().await;
+            for (group, version, resource) in &self.inner.config.preload {
+                let gvr = Gvr {
+                    group: group.clone(),
+                    version: version.clone(),
+                    resource: resource.clone(),
+                };
+                match self.warm(gvr).await {
+                    Ok(()) => {
+                        reported.remove(&(group, version, resource));
+                    }
+                    Err(reason) => {
+                        if reported.insert((group, version, resource)) {
+                            tracing::warn!(group = %group, version = %version, resource = %resource, reason = reason.as_str(), "cannot preload");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a resource's JSON store if needed and marks it used now.
+    async fn warm(&self, gvr: Gvr) -> Result<(), Bypass> {
+        let spec = self.spec(&gvr).await?;
+        let cached = self
+            .resource(
+                Key {
+                    gvr,
+                    encoding: Encoding::Json,
+                },
+                spec,
+            )
+            .await?;
+        cached.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
+        Ok(())
     }
 
     /// Stops idle resources and keeps within the memory budget, until dropped.

@@ -56,6 +56,8 @@ pub struct FileCache {
     pub event_window: Option<usize>,
     pub watcher_backlog: Option<usize>,
     pub bookmark_interval_seconds: Option<u64>,
+    #[serde(default)]
+    pub preload: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

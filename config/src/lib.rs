@@ -84,6 +84,9 @@ pub struct CacheConfig {
     pub watcher_backlog: usize,
     /// How often watchers that asked for bookmarks get one.
     pub bookmark_interval: Duration,
+    /// Resources cached from the start and kept cached, as
+    /// `(group, version, resource)`; the core group is empty.
+    pub preload: Vec<(String, String, String)>,
 }
 
 /// A first list of a typical resource takes well under a second; a read
@@ -115,6 +118,7 @@ impl Default for CacheConfig {
             event_window: DEFAULT_CACHE_EVENT_WINDOW,
             watcher_backlog: DEFAULT_CACHE_WATCHER_BACKLOG,
             bookmark_interval: DEFAULT_CACHE_BOOKMARK_INTERVAL,
+            preload: Vec::new(),
         }
     }
 }
@@ -320,6 +324,24 @@ impl Config {
             event_window: c.event_window.unwrap_or(DEFAULT_CACHE_EVENT_WINDOW),
             watcher_backlog: c.watcher_backlog.unwrap_or(DEFAULT_CACHE_WATCHER_BACKLOG),
             bookmark_interval: secs(c.bookmark_interval_seconds, DEFAULT_CACHE_BOOKMARK_INTERVAL),
+            preload: c
+                .preload
+                .iter()
+                .filter_map(|entry| match entry.split('/').collect::<Vec<_>>().as_slice() {
+                    [version, resource] if !version.is_empty() && !resource.is_empty() => {
+                        Some((String::new(), version.to_string(), resource.to_string()))
+                    }
+                    [group, version, resource] if [group, version, resource].iter().all(|s| !s.is_empty()) => {
+                        Some((group.to_string(), version.to_string(), resource.to_string()))
+                    }
+                    _ => {
+                        errors.push(format!(
+                            "cache.preload entry {entry:?}: expected version/resource (core) or group/version/resource"
+                        ));
+                        None
+                    }
+                })
+                .collect(),
         };
         for (name, value) in [
             ("cache.eventWindow", cache.event_window),
@@ -436,6 +458,23 @@ mod tests {
         let err =
             Config::merge(&serve(&["--accept-host", " "]), FileConfig::default()).expect_err("empty name");
         assert!(err.to_string().contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn preloaded_resources_name_a_group_version_and_resource() {
+        let file: FileConfig =
+            serde_yaml::from_str("cache: {preload: [v1/pods, apps/v1/deployments]}\n").expect("valid yaml");
+        let config = Config::merge(&serve(&[]), file).expect("valid");
+        assert_eq!(
+            config.cache.preload,
+            [
+                (String::new(), "v1".to_string(), "pods".to_string()),
+                ("apps".to_string(), "v1".to_string(), "deployments".to_string())
+            ]
+        );
+        let file: FileConfig = serde_yaml::from_str("cache: {preload: [pods, a//b]}\n").expect("valid yaml");
+        let err = Config::merge(&serve(&[]), file).expect_err("invalid");
+        assert_eq!(err.0.len(), 2, "{err}");
     }
 
     #[test]

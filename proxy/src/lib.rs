@@ -176,6 +176,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tokio::spawn(admin),
         tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(discovery.run(), shutdown_rx.clone())),
+        tokio::spawn(until_shutdown(cache.clone().run_preload(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(cache.clone().run_janitor(), shutdown_rx)),
     ];
     Ok(Running {
