@@ -22,9 +22,9 @@ use std::time::Duration;
 pub use cli::{Cli, Command, KubeconfigArgs, ServeArgs};
 pub use file::FileConfig;
 pub use limits::{
-    ClassConfig, ClassLimits, ClientMatch, FileLimits, LimitsConfig, DEFAULT_CLASS, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_IN_FLIGHT_PER_CLIENT, DEFAULT_MAX_LONG_RUNNING_PER_CLIENT, DEFAULT_QUEUE_LENGTH,
-    DEFAULT_QUEUE_TIMEOUT, EXEMPT_CLASS,
+    ClassConfig, ClassLimits, ClientKeyConfig, ClientMatch, FileLimits, LimitsConfig, DEFAULT_CLASS,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_CLIENT, DEFAULT_MAX_LONG_RUNNING_PER_CLIENT,
+    DEFAULT_QUEUE_LENGTH, DEFAULT_QUEUE_TIMEOUT, EXEMPT_CLASS,
 };
 
 /// kubectl proxy's familiar port, so kubeconfigs written for it keep working.

@@ -62,6 +62,30 @@ pub struct LimitsConfig {
     /// Requests that bypass every limit, besides the built-in health and
     /// version paths.
     pub exempt: ClientMatch,
+    /// How clients are told apart.
+    pub client_key: ClientKeyConfig,
+}
+
+/// How the admit stage tells clients apart: the authenticated user where
+/// there is one; else the value of `header` where configured and present
+/// (a client id that automation sets, e.g. CI runners behind one proxy);
+/// else the access token the client presented; else its address. With
+/// `user_agent`, the User-Agent is part of token and address keys, so that
+/// programs sharing a token or an address (every local client is
+/// 127.0.0.1) get flows of their own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientKeyConfig {
+    pub header: Option<String>,
+    pub user_agent: bool,
+}
+
+impl Default for ClientKeyConfig {
+    fn default() -> Self {
+        ClientKeyConfig {
+            header: None,
+            user_agent: true,
+        }
+    }
 }
 
 /// A named priority class: which requests it takes and its own limits.
@@ -137,6 +161,7 @@ impl Default for LimitsConfig {
             default: ClassLimits::default(),
             classes: Vec::new(),
             exempt: ClientMatch::default(),
+            client_key: ClientKeyConfig::default(),
         }
     }
 }
@@ -152,6 +177,16 @@ pub struct FileLimits {
     pub classes: Vec<FileClass>,
     #[serde(default)]
     pub exempt: FileMatch,
+    #[serde(default)]
+    pub client_key: FileClientKey,
+}
+
+/// `limits.clientKey` as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileClientKey {
+    pub header: Option<String>,
+    pub user_agent: Option<bool>,
 }
 
 /// The default class's limits as written.
@@ -276,11 +311,32 @@ impl FileLimits {
             _ => {}
         }
         let exempt = check_match("limits.exempt", &self.exempt, errors);
+        let header = self
+            .client_key
+            .header
+            .as_deref()
+            .map(str::trim)
+            .filter(|h| !h.is_empty());
+        if let Some(header) = header {
+            let valid = header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !valid {
+                errors.push(format!(
+                    "limits.clientKey.header {header:?} is not a valid header name"
+                ));
+            }
+        }
+        let client_key = ClientKeyConfig {
+            header: header.map(str::to_ascii_lowercase),
+            user_agent: self.client_key.user_agent.unwrap_or(true),
+        };
         LimitsConfig {
             max_in_flight,
             default,
             classes,
             exempt,
+            client_key,
         }
     }
 }

@@ -76,7 +76,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use kache_config::{ClassLimits, ClientMatch, LimitsConfig, DEFAULT_CLASS, EXEMPT_CLASS};
+use kache_config::{ClassLimits, ClientKeyConfig, ClientMatch, LimitsConfig, DEFAULT_CLASS, EXEMPT_CLASS};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -130,14 +130,38 @@ impl ClientKey {
     /// point. A client that varies its `User-Agent` gets several flows, which
     /// still cannot exceed its class's seats.
     pub fn identify(peer: SocketAddr, headers: &HeaderMap, user: Option<&str>) -> ClientKey {
+        ClientKey::identify_with(peer, headers, user, &ClientKeyConfig::default())
+    }
+
+    /// [`ClientKey::identify`] under a configured key: a client-id header
+    /// ranks after the user and before the token; the User-Agent may be left out.
+    pub fn identify_with(
+        peer: SocketAddr,
+        headers: &HeaderMap,
+        user: Option<&str>,
+        config: &ClientKeyConfig,
+    ) -> ClientKey {
         if let Some(user) = user.filter(|u| !u.is_empty()) {
             return ClientKey::new(&format!("user:{user}"));
+        }
+        let named = config
+            .header
+            .as_deref()
+            .and_then(|name| headers.get(name))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string())
+            .filter(|v| !v.is_empty());
+        if let Some(named) = named {
+            return ClientKey::new(&format!("client:{named}"));
         }
         let agent = headers
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .filter(|v| !v.is_empty());
-        let agent = agent.as_deref().unwrap_or("-");
+        let agent = if config.user_agent {
+            format!(" {}", agent.as_deref().unwrap_or("-"))
+        } else {
+            String::new()
+        };
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -148,9 +172,9 @@ impl ClientKey {
             Some(token) => {
                 static KEYS: OnceLock<RandomState> = OnceLock::new();
                 let fingerprint = KEYS.get_or_init(RandomState::new).hash_one(token);
-                ClientKey::new(&format!("token:{fingerprint:016x} {agent}"))
+                ClientKey::new(&format!("token:{fingerprint:016x}{agent}"))
             }
-            None => ClientKey::new(&format!("{} {agent}", peer.ip())),
+            None => ClientKey::new(&format!("{}{agent}", peer.ip())),
         }
     }
 
@@ -950,6 +974,7 @@ mod tests {
             default: limits(seats, per_client, queue_length),
             classes: Vec::new(),
             exempt: ClientMatch::default(),
+            client_key: ClientKeyConfig::default(),
         }
     }
 
@@ -1491,6 +1516,38 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::USER_AGENT, "x".repeat(8192).parse().expect("value"));
         assert!(ClientKey::identify(peer, &headers, None).as_str().len() <= ClientKey::MAX_LEN);
+    }
+
+    #[test]
+    fn a_configured_client_id_header_and_the_user_agent_choice_shape_the_key() {
+        let peer: SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::USER_AGENT, "kubectl/v1.32".parse().expect("value"));
+        let by_header = ClientKeyConfig {
+            header: Some("x-ci-job".into()),
+            user_agent: true,
+        };
+        assert_eq!(
+            ClientKey::identify_with(peer, &headers, None, &by_header).as_str(),
+            "127.0.0.1 kubectl/v1.32"
+        );
+        headers.insert("x-ci-job", "job-17".parse().expect("value"));
+        assert_eq!(
+            ClientKey::identify_with(peer, &headers, None, &by_header).as_str(),
+            "client:job-17"
+        );
+        assert_eq!(
+            ClientKey::identify_with(peer, &headers, Some("alice"), &by_header).as_str(),
+            "user:alice"
+        );
+        let without_agent = ClientKeyConfig {
+            header: None,
+            user_agent: false,
+        };
+        assert_eq!(
+            ClientKey::identify_with(peer, &headers, None, &without_agent).as_str(),
+            "127.0.0.1"
+        );
     }
 
     #[test]

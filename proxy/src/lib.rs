@@ -135,6 +135,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let pipeline = Arc::new(Pipeline::new(Stages {
         guard: LocalGuard::new(&config.listener),
+        client_key: config.limits.client_key.clone(),
         discovery: discovery.clone(),
         cache: cache.clone(),
         limiter: limiter.clone(),

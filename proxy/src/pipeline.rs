@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use kache_cache::discovery::{self, Discovery};
 use kache_cache::resources::{Answer, Cache};
 use kache_cache::RequestInfo;
+use kache_config::ClientKeyConfig;
 use tracing::{field, Instrument};
 
 use crate::admit::{ClientKey, Demand, Limiter, Permit};
@@ -37,6 +38,7 @@ use crate::upstream::Upstream;
 /// Everything a request needs, shared by all connections.
 pub struct Pipeline {
     guard: LocalGuard,
+    client_key: ClientKeyConfig,
     discovery: Discovery,
     cache: Cache,
     limiter: Arc<Limiter>,
@@ -48,6 +50,7 @@ pub struct Pipeline {
 /// The parts a pipeline is built from.
 pub struct Stages {
     pub guard: LocalGuard,
+    pub client_key: ClientKeyConfig,
     pub discovery: Discovery,
     pub cache: Cache,
     pub limiter: Arc<Limiter>,
@@ -64,6 +67,7 @@ impl Pipeline {
     pub fn new(stages: Stages) -> Pipeline {
         let Stages {
             guard,
+            client_key,
             discovery,
             cache,
             limiter,
@@ -73,6 +77,7 @@ impl Pipeline {
         } = stages;
         Pipeline {
             guard,
+            client_key,
             discovery,
             cache,
             limiter,
@@ -117,7 +122,7 @@ impl Pipeline {
         if let ControlFlow::Break(response) = self.identify(&request) {
             return ("unknown", "rejected", response);
         }
-        let client = ClientKey::identify(peer, request.headers(), None);
+        let client = ClientKey::identify_with(peer, request.headers(), None, &self.client_key);
         tracing::Span::current().record("client_key", client.as_str());
         // classify: what the API server would call this request.
         let info = classify(&request);
