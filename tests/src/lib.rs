@@ -193,12 +193,7 @@ fn start_cluster() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8_lossy(&out.stdout);
-    let env_file = printed
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .map(|l| PathBuf::from(l.trim()))
-        .unwrap_or_else(|| dir.join("env"));
+    let env_file = env_file_printed_by_up(&printed, &dir);
     assert!(
         env_file.is_file(),
         "up.sh printed {printed:?}, which is not the env file"
@@ -206,7 +201,21 @@ fn start_cluster() -> PathBuf {
     env_file
 }
 
-fn load_cluster_env(env_file: &Path) -> Cluster {
+/// The env file tests/cluster/up.sh printed (its last line), or `DIR/env`.
+pub fn env_file_printed_by_up(printed: &str, dir: &Path) -> PathBuf {
+    printed
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| PathBuf::from(l.trim()))
+        .unwrap_or_else(|| dir.join("env"))
+}
+
+/// Reads a cluster's `DIR/env` (as written by tests/cluster/up.sh).
+///
+/// # Panics
+/// An unreadable file, a missing variable or kubeconfig.
+pub fn load_cluster_env(env_file: &Path) -> Cluster {
     // Let bash parse its own `printf %q` quoting.
     let out = Command::new("bash")
         .args(["-c", "set -a; source \"$1\" >/dev/null; env -0", "_"])

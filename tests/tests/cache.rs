@@ -28,7 +28,8 @@ use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kache_tests::{
-    cluster, http_get, kubectl, raw, target_dir, unique_name, workspace_root, Kache, TestNamespace,
+    cluster, env_file_printed_by_up, http_get, kubectl, load_cluster_env, raw, target_dir, unique_name,
+    workspace_root, Kache, TestNamespace,
 };
 use kube::api::Api;
 use kube::client::Body;
@@ -1791,29 +1792,8 @@ impl OwnCluster {
             dir.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let printed = String::from_utf8_lossy(&out.stdout);
-        let env_file = printed
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(|l| PathBuf::from(l.trim()))
-            .unwrap_or_else(|| dir.join("env"));
-        // Let bash parse its own quoting, as the harness does.
-        let out = Command::new("bash")
-            .args(["-c", "set -a; source \"$1\" >/dev/null; env -0", "_"])
-            .arg(&env_file)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "cannot source {}", env_file.display());
-        cluster.env = out
-            .stdout
-            .split(|b| *b == 0)
-            .filter_map(|kv| {
-                let kv = String::from_utf8_lossy(kv);
-                let (k, v) = kv.split_once('=')?;
-                k.starts_with("KACHE_").then(|| (k.to_string(), v.to_string()))
-            })
-            .collect();
+        let env_file = env_file_printed_by_up(&String::from_utf8_lossy(&out.stdout), dir);
+        cluster.env = load_cluster_env(&env_file).env;
         cluster
     }
 
