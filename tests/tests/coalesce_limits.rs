@@ -312,9 +312,24 @@ fn quantile(durations: &[Duration], p: f64) -> Duration {
 
 /// A JSON body with `metadata.resourceVersion` removed: two reads of the same
 /// objects at different times differ only there (a list's RV is the store's).
+/// What two upstream answers read a moment apart may differ in besides their
+/// objects: the list's resourceVersion, and in a Table the `Age` cells, which
+/// the API server computes from the time it answers.
 fn without_list_rv(mut v: Value) -> Value {
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("resourceVersion");
+    }
+    if v["kind"] == "Table" {
+        let age = v["columnDefinitions"]
+            .as_array()
+            .and_then(|columns| columns.iter().position(|c| c["name"] == "Age"));
+        if let (Some(age), Some(rows)) = (age, v.get_mut("rows").and_then(Value::as_array_mut)) {
+            for row in rows {
+                if let Some(cell) = row.get_mut("cells").and_then(|c| c.get_mut(age)) {
+                    *cell = Value::Null;
+                }
+            }
+        }
     }
     v
 }
