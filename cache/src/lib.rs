@@ -13,6 +13,8 @@
 //!
 //!   resources::Cache ── one store + reflector per (resource, encoding) ──► reads::list / get / watch
 //!     (JSON always; protobuf for built-ins read in protobuf: protobuf.rs frames the bytes)
+//!
+//!   rbac::Rbac ◄── watches Roles, ClusterRoles and their bindings ── allows(user, attributes)
 //! ```
 //!
 //! The proxy's classify stage is a thin wrapper around [`RequestInfo::parse`];
@@ -21,6 +23,7 @@
 
 pub mod discovery;
 pub mod protobuf;
+pub mod rbac;
 pub mod reads;
 pub mod reflector;
 pub mod request;

@@ -238,6 +238,16 @@ impl Cache {
         result.map(|(answer, _)| answer)
     }
 
+    /// Whether [`Cache::serve`] would try to answer this request from memory
+    /// (it may still hand it back: a store not synced in time, a version not
+    /// reached). Shared mode authorizes exactly these requests first.
+    pub fn would_answer(&self, info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> bool {
+        self.inner.config.enabled
+            && info.is_resource_request
+            && info.verb().is_read()
+            && reads::plan(info, query, headers).is_ok()
+    }
+
     async fn try_serve(
         &self,
         info: &RequestInfo,

@@ -56,6 +56,26 @@ pub struct ServeArgs {
     /// Accepted `Host` header names (repeatable, `*` for any) [default: localhost, 127.0.0.1, [::1]].
     #[arg(long = "accept-host", value_name = "HOST")]
     pub accept_hosts: Vec<String>,
+    /// `local`: one trusted user, kache's kubeconfig identity upstream.
+    /// `shared`: every client authenticated and served as itself (needs TLS) [default: local].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub mode: Option<crate::ModeName>,
+    /// Shared mode: PEM bundle of the CAs that sign client certificates (user = CN, groups = O).
+    #[arg(long, value_name = "PATH")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Shared mode: how forwarded requests reach the API server [default: impersonate].
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub forward: Option<crate::ForwardMode>,
+    /// Shared mode: how answers from memory are authorized [default: rbac].
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub authorization: Option<crate::AuthorizationMode>,
+    /// Shared mode: requests without credentials are system:anonymous instead of 401.
+    #[arg(long)]
+    pub allow_anonymous: bool,
+    /// Local mode: listen on a non-loopback address without an access token,
+    /// letting anyone who can connect use kache's credentials.
+    #[arg(long)]
+    pub dangerously_expose_credentials: bool,
 }
 
 /// Flags of `kache kubeconfig`.

@@ -43,6 +43,10 @@ pub struct FileConfig {
     pub cache: FileCache,
     #[serde(default)]
     pub limits: crate::limits::FileLimits,
+    pub mode: Option<crate::ModeName>,
+    #[serde(default)]
+    pub shared: crate::shared::FileShared,
+    pub dangerously_expose_credentials: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

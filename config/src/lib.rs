@@ -14,6 +14,7 @@
 mod cli;
 mod file;
 mod limits;
+mod shared;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,6 +26,11 @@ pub use limits::{
     ClassConfig, ClassLimits, ClientKeyConfig, ClientMatch, FileLimits, LimitsConfig, DEFAULT_CLASS,
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT_PER_CLIENT, DEFAULT_MAX_LONG_RUNNING_PER_CLIENT,
     DEFAULT_QUEUE_LENGTH, DEFAULT_QUEUE_TIMEOUT, EXEMPT_CLASS,
+};
+pub use shared::{
+    AuthorizationMode, FileShared, ForwardMode, Mode, ModeName, SharedConfig,
+    DEFAULT_AUTHORIZATION_CACHE_SIZE, DEFAULT_AUTHORIZATION_CACHE_TTL, DEFAULT_TOKEN_CACHE_SIZE,
+    DEFAULT_TOKEN_CACHE_TTL, DEFAULT_TOKEN_FAILURE_CACHE_TTL,
 };
 
 /// kubectl proxy's familiar port, so kubeconfigs written for it keep working.
@@ -55,6 +61,8 @@ pub const DEFAULT_ACCEPT_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]", "
 /// The validated configuration of `kache serve`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Local (one trusted user) or shared (every client is itself).
+    pub mode: Mode,
     pub upstream: UpstreamConfig,
     pub listener: ListenerConfig,
     pub admin: AdminConfig,
@@ -365,6 +373,8 @@ impl Config {
             }
         }
 
+        let mode = merge_mode(args, &file, &tls, &access_token, listen, &mut errors);
+
         match (listen, admin) {
             (Some(listen), Some(admin)) if errors.is_empty() => {
                 if listen == admin && listen.port() != 0 {
@@ -373,6 +383,7 @@ impl Config {
                     )]));
                 }
                 Ok(Config {
+                    mode,
                     upstream: UpstreamConfig {
                         kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
                         context: args.context.clone().or(file.context),
@@ -394,6 +405,109 @@ impl Config {
                 })
             }
             _ => Err(ConfigError(errors)),
+        }
+    }
+}
+
+/// The mode and its settings, flags over the file, with the rules that keep
+/// kache's credentials from reaching clients they are not meant for.
+fn merge_mode(
+    args: &ServeArgs,
+    file: &FileConfig,
+    tls: &Option<TlsConfig>,
+    access_token: &Option<String>,
+    listen: Option<SocketAddr>,
+    errors: &mut Vec<String>,
+) -> Mode {
+    let f = &file.shared;
+    let shared_settings = [
+        (
+            "--client-ca-file / shared.clientCaFile",
+            args.client_ca_file.is_some() || f.client_ca_file.is_some(),
+        ),
+        (
+            "--forward / shared.forward",
+            args.forward.is_some() || f.forward.is_some(),
+        ),
+        (
+            "--authorization / shared.authorization",
+            args.authorization.is_some() || f.authorization.is_some(),
+        ),
+        (
+            "--allow-anonymous / shared.allowAnonymous",
+            args.allow_anonymous || f.allow_anonymous.is_some(),
+        ),
+    ];
+    match args.mode.or(file.mode).unwrap_or(ModeName::Local) {
+        ModeName::Local => {
+            for (name, set) in shared_settings {
+                if set {
+                    errors.push(format!("{name} applies to shared mode only (--mode shared)"));
+                }
+            }
+            let exposed =
+                args.dangerously_expose_credentials || file.dangerously_expose_credentials.unwrap_or(false);
+            if let Some(listen) = listen {
+                if !listen.ip().is_loopback() && access_token.is_none() && !exposed {
+                    errors.push(format!(
+                        "local mode listening on {listen} (not loopback) without an access token would let anyone \
+                         who can connect use kache's credentials: set --access-token-file, use --mode shared, \
+                         or pass --dangerously-expose-credentials"
+                    ));
+                }
+            }
+            Mode::Local
+        }
+        ModeName::Shared => {
+            if tls.is_none() {
+                errors.push(
+                    "shared mode serves clients over the network and needs HTTPS: --tls, or --tls-cert and --tls-key"
+                        .into(),
+                );
+            }
+            if access_token.is_some() {
+                errors.push(
+                    "--access-token-file is for local mode; in shared mode every client authenticates as itself"
+                        .into(),
+                );
+            }
+            let secs = |v: Option<u64>, default: Duration| v.map(Duration::from_secs).unwrap_or(default);
+            let shared = SharedConfig {
+                forward: args.forward.or(f.forward).unwrap_or(ForwardMode::Impersonate),
+                authorization: args
+                    .authorization
+                    .or(f.authorization)
+                    .unwrap_or(AuthorizationMode::Rbac),
+                allow_anonymous: args.allow_anonymous || f.allow_anonymous.unwrap_or(false),
+                client_ca_file: args.client_ca_file.clone().or(f.client_ca_file.clone()),
+                token_cache_ttl: secs(f.token_cache_ttl_seconds, DEFAULT_TOKEN_CACHE_TTL),
+                token_failure_cache_ttl: secs(
+                    f.token_failure_cache_ttl_seconds,
+                    DEFAULT_TOKEN_FAILURE_CACHE_TTL,
+                ),
+                token_cache_size: f.token_cache_size.unwrap_or(DEFAULT_TOKEN_CACHE_SIZE),
+                authorization_cache_ttl: secs(
+                    f.authorization_cache_ttl_seconds,
+                    DEFAULT_AUTHORIZATION_CACHE_TTL,
+                ),
+                authorization_cache_size: f
+                    .authorization_cache_size
+                    .unwrap_or(DEFAULT_AUTHORIZATION_CACHE_SIZE),
+            };
+            if let Some(path) = &shared.client_ca_file {
+                if let Err(e) = std::fs::metadata(path) {
+                    errors.push(format!("client CA file {}: {e}", path.display()));
+                }
+            }
+            for (name, value) in [
+                ("shared.tokenCacheSize", shared.token_cache_size),
+                ("shared.authorizationCacheSize", shared.authorization_cache_size),
+            ] {
+                if value == 0 {
+                    errors.push(format!("{name} must be at least 1"));
+                }
+            }
+            Mode::Shared(shared)
         }
     }
 }
@@ -502,6 +616,53 @@ mod tests {
         )
         .expect_err("clash");
         assert!(err.to_string().contains("both"), "{err}");
+    }
+
+    #[test]
+    fn local_mode_refuses_a_non_loopback_listener_without_a_token() {
+        let err = Config::merge(&serve(&["--listen", "0.0.0.0:8001"]), FileConfig::default())
+            .expect_err("credentials exposed");
+        assert!(
+            err.to_string().contains("--dangerously-expose-credentials"),
+            "{err}"
+        );
+        let config = Config::merge(
+            &serve(&["--listen", "0.0.0.0:8001", "--dangerously-expose-credentials"]),
+            FileConfig::default(),
+        )
+        .expect("explicitly allowed");
+        assert_eq!(config.mode, Mode::Local);
+        let config =
+            Config::merge(&serve(&["--listen", "[::1]:8001"]), FileConfig::default()).expect("loopback");
+        assert_eq!(config.mode, Mode::Local);
+    }
+
+    #[test]
+    fn shared_mode_needs_tls_and_takes_its_settings_from_flags_over_the_file() {
+        let err = Config::merge(&serve(&["--mode", "shared"]), FileConfig::default()).expect_err("no TLS");
+        assert!(err.to_string().contains("HTTPS"), "{err}");
+        let file: FileConfig = serde_yaml::from_str(
+            "mode: shared\nlisten: 0.0.0.0:8443\ntls: {selfSigned: true}\n\
+             shared: {forward: passthrough, authorization: sar, tokenCacheTtlSeconds: 30}\n",
+        )
+        .expect("valid yaml");
+        let config =
+            Config::merge(&serve(&["--authorization", "rbac", "--allow-anonymous"]), file).expect("valid");
+        let Mode::Shared(shared) = config.mode else {
+            panic!("expected shared mode");
+        };
+        assert_eq!(shared.forward, ForwardMode::Passthrough);
+        assert_eq!(shared.authorization, AuthorizationMode::Rbac);
+        assert!(shared.allow_anonymous);
+        assert_eq!(shared.token_cache_ttl, Duration::from_secs(30));
+        assert_eq!(shared.authorization_cache_ttl, DEFAULT_AUTHORIZATION_CACHE_TTL);
+    }
+
+    #[test]
+    fn shared_settings_in_local_mode_are_errors() {
+        let err = Config::merge(&serve(&["--forward", "passthrough"]), FileConfig::default())
+            .expect_err("shared-only flag");
+        assert!(err.to_string().contains("shared mode only"), "{err}");
     }
 
     #[test]

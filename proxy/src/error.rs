@@ -28,6 +28,16 @@ pub enum ProxyError {
     CrossOrigin(String),
     #[error("Unauthorized: this proxy requires its access token")]
     Unauthorized,
+    /// Shared mode: no valid credentials (the API server's own 401).
+    #[error("Unauthorized")]
+    Unauthenticated,
+    /// Shared mode: the authorizer denied what kache would have answered
+    /// itself, or an impersonation the client is not allowed.
+    #[error("{}", .0.message())]
+    Forbidden(Box<Denied>),
+    /// A TokenReview or SubjectAccessReview could not be made.
+    #[error("cannot verify the request with the API server: {0}")]
+    Review(String),
     #[error("bad request: {0}")]
     BadRequest(String),
     /// The admit stage's concurrency limits said no (a queue was full, a wait
@@ -49,6 +59,29 @@ pub enum ProxyError {
     UpstreamFailed(#[source] BoxError),
 }
 
+/// A request the authorizer refused: who, what, and the authorizers' reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    pub user: String,
+    pub attributes: kache_cache::rbac::Attributes,
+    pub reason: String,
+}
+
+impl Denied {
+    fn message(&self) -> String {
+        format!(
+            "{} may not {} {}",
+            self.user,
+            self.attributes.verb,
+            if self.attributes.resource_request {
+                &self.attributes.resource
+            } else {
+                &self.attributes.path
+            }
+        )
+    }
+}
+
 /// The `Retry-After` kache suggests when the API server is unreachable: short,
 /// because client-go retries transparently and restarts are quick.
 const UNREACHABLE_RETRY_AFTER_SECONDS: u32 = 1;
@@ -59,24 +92,28 @@ impl ProxyError {
             ProxyError::HostNotAccepted(_)
             | ProxyError::CrossOrigin(_)
             | ProxyError::Unauthorized
+            | ProxyError::Unauthenticated
+            | ProxyError::Forbidden(_)
             | ProxyError::BadRequest(_)
             | ProxyError::TooManyRequests { .. } => ErrorSource::Downstream,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::UpstreamCredentials(_)
-            | ProxyError::UpstreamFailed(_) => ErrorSource::Upstream,
+            | ProxyError::UpstreamFailed(_)
+            | ProxyError::Review(_) => ErrorSource::Upstream,
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::HostNotAccepted(_) | ProxyError::CrossOrigin(_) => StatusCode::FORBIDDEN,
-            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized | ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamCredentials(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamCredentials(_)
+            | ProxyError::Review(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
         }
@@ -88,6 +125,9 @@ impl ProxyError {
             ProxyError::HostNotAccepted(_) => "host_not_accepted",
             ProxyError::CrossOrigin(_) => "cross_origin",
             ProxyError::Unauthorized => "unauthorized",
+            ProxyError::Unauthenticated => "unauthenticated",
+            ProxyError::Forbidden(_) => "forbidden",
+            ProxyError::Review(_) => "review_failed",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::TooManyRequests { .. } => "too_many_requests",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
@@ -101,12 +141,28 @@ impl ProxyError {
 /// Turns a failure into the response the client gets, and logs it (once, here).
 pub fn rescue(error: &ProxyError) -> Response<Body> {
     let code = error.status();
+    if let ProxyError::Forbidden(denied) = error {
+        let a = &denied.attributes;
+        tracing::info!(
+            user = %denied.user,
+            verb = %a.verb,
+            group = %a.group,
+            resource = %a.resource,
+            subresource = %a.subresource,
+            namespace = %a.namespace,
+            name = %a.name,
+            path = %a.path,
+            reason = %denied.reason,
+            "denied"
+        );
+        return crate::authz::forbidden(&denied.user, a, &denied.reason);
+    }
     match error.source_side() {
         ErrorSource::Downstream => tracing::info!(%error, code = code.as_u16(), "rejected"),
         ErrorSource::Upstream => tracing::warn!(%error, code = code.as_u16(), "upstream failure"),
     }
     let retry_after = match error {
-        ProxyError::UpstreamUnreachable(_) => Some(UNREACHABLE_RETRY_AFTER_SECONDS),
+        ProxyError::UpstreamUnreachable(_) | ProxyError::Review(_) => Some(UNREACHABLE_RETRY_AFTER_SECONDS),
         ProxyError::TooManyRequests { retry_after, .. } => Some(*retry_after),
         _ => None,
     };
@@ -132,6 +188,8 @@ mod tests {
             (ProxyError::HostNotAccepted("evil".into()), 403),
             (ProxyError::CrossOrigin("https://evil".into()), 403),
             (ProxyError::Unauthorized, 401),
+            (ProxyError::Unauthenticated, 401),
+            (ProxyError::Review("x".into()), 503),
             (ProxyError::BadRequest("x".into()), 400),
             (too_many(RejectReason::QueueFull, 1), 429),
             (ProxyError::UpstreamUnreachable(io()), 503),
@@ -146,7 +204,9 @@ mod tests {
                 response.headers().contains_key(http::header::RETRY_AFTER),
                 matches!(
                     error,
-                    ProxyError::UpstreamUnreachable(_) | ProxyError::TooManyRequests { .. }
+                    ProxyError::UpstreamUnreachable(_)
+                        | ProxyError::TooManyRequests { .. }
+                        | ProxyError::Review(_)
                 ),
                 "{error}"
             );

@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use tracing::Instrument;
 
 use crate::admit::Permit;
+use crate::authn::UpstreamAs;
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::upstream::{Exchange, Upstream};
@@ -63,16 +64,39 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// The request kache sends upstream for a client's request.
-pub fn upstream_request<B>(request: Request<B>, upgrade: bool) -> Request<Body>
+/// The request kache sends upstream for a client's request, made as `who`.
+pub fn upstream_request<B>(request: Request<B>, upgrade: bool, who: &UpstreamAs) -> Request<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::body::BoxError>,
 {
     let (mut parts, incoming) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    // The upstream sees kache's own identity (from the kubeconfig), never the client's.
-    parts.headers.remove(header::AUTHORIZATION);
+    match who {
+        // kache's own identity (from the kubeconfig), never the client's.
+        UpstreamAs::Kubeconfig => {
+            parts.headers.remove(header::AUTHORIZATION);
+        }
+        // The client's own credentials, over a connection without kache's.
+        UpstreamAs::Client => {}
+        // kache's identity acting as the authenticated user: the client's
+        // credentials and impersonation headers make way for kache's.
+        UpstreamAs::Impersonate(user) => {
+            parts.headers.remove(header::AUTHORIZATION);
+            let theirs: Vec<HeaderName> = parts
+                .headers
+                .keys()
+                .filter(|name| name.as_str().starts_with("impersonate-"))
+                .cloned()
+                .collect();
+            for name in theirs {
+                parts.headers.remove(name);
+            }
+            for (name, value) in crate::authn::impersonation_headers(user) {
+                parts.headers.append(name, value);
+            }
+        }
+    }
     // `Host` named kache; the upstream's comes from its URL.
     parts.headers.remove(header::HOST);
     // Upstream::send asks for `identity`; the client's preference is not passed on.
@@ -107,6 +131,7 @@ pub fn client_response(response: Response<Incoming>) -> Response<Body> {
 pub async fn forward(
     upstream: &Upstream,
     mut request: Request<Incoming>,
+    who: &UpstreamAs,
     long_running: bool,
     permit: Option<Permit>,
 ) -> Result<Response<Body>, ProxyError> {
@@ -120,13 +145,15 @@ pub async fn forward(
         } else {
             Exchange::Short
         };
-        let response = upstream.send(upstream_request(request, false), exchange).await?;
+        let response = upstream
+            .send(upstream_request(request, false, who), exchange)
+            .await?;
         return Ok(hold(client_response(response), permit));
     }
 
     let client_upgrade = hyper::upgrade::on(&mut request);
     let mut response = upstream
-        .send(upstream_request(request, true), Exchange::Upgrade)
+        .send(upstream_request(request, true, who), Exchange::Upgrade)
         .await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(hold(client_response(response), permit));
@@ -199,7 +226,7 @@ mod tests {
             .header("impersonate-user", "alice")
             .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
             .expect("request");
-        let sent = upstream_request(request, false);
+        let sent = upstream_request(request, false, &UpstreamAs::Kubeconfig);
         assert_eq!(
             sent.uri(),
             "/api/v1/namespaces/a/pods?dryRun=All&fieldManager=x%2Fy"
@@ -213,6 +240,37 @@ mod tests {
             "Upstream::send sets identity"
         );
         assert_eq!(sent.headers()["impersonate-user"], "alice");
+    }
+
+    #[test]
+    fn impersonating_requests_carry_kaches_headers_in_place_of_the_clients() {
+        let request = || {
+            Request::builder()
+                .uri("/api/v1/namespaces/a/pods")
+                .header(header::AUTHORIZATION, "Bearer client-token")
+                .header("impersonate-user", "admin")
+                .header("impersonate-group", "system:masters")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request")
+        };
+        let alice = kache_cache::rbac::UserInfo {
+            name: "alice".into(),
+            groups: vec!["system:authenticated".into()],
+            ..Default::default()
+        };
+        let sent = upstream_request(
+            request(),
+            false,
+            &UpstreamAs::Impersonate(std::sync::Arc::new(alice)),
+        );
+        assert!(!sent.headers().contains_key(header::AUTHORIZATION));
+        assert_eq!(sent.headers()["impersonate-user"], "alice");
+        let groups: Vec<_> = sent.headers().get_all("impersonate-group").iter().collect();
+        assert_eq!(groups, ["system:authenticated"]);
+
+        let sent = upstream_request(request(), false, &UpstreamAs::Client);
+        assert_eq!(sent.headers()[header::AUTHORIZATION], "Bearer client-token");
+        assert_eq!(sent.headers()["impersonate-user"], "admin");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  clients ──► main listener (server.rs) ──► Pipeline (pipeline.rs)
-//!                                              identify ─ guard.rs
+//!                                              identify ─ guard.rs (local) / authn.rs (shared: certificates,
+//!                                                         TokenReview, impersonation)
+//!                                              authorize ─ authz.rs (shared: local RBAC + SubjectAccessReview)
 //!                                              classify ─ kache_cache::RequestInfo
 //!                                              route    ─ kache_cache::Discovery, kache_cache::Cache (memory)
 //!                                              admit    ─ admit.rs (per-client seats, fair queues)
@@ -15,6 +17,8 @@
 
 pub mod admin;
 pub mod admit;
+pub mod authn;
+pub mod authz;
 pub mod body;
 pub mod coalesce;
 pub mod error;
@@ -33,17 +37,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kache_cache::discovery::{Discovery, DiscoveryMetrics};
+use kache_cache::rbac::Rbac;
 use kache_cache::resources::{Cache, CacheMetrics};
-use kache_config::Config;
+use kache_config::{AuthorizationMode, Config, Mode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admit::{AdmitMetrics, Limiter};
+use crate::authn::{Authenticator, AuthnMetrics};
+use crate::authz::{Authorizer, AuthzMetrics};
 use crate::coalesce::{CoalesceMetrics, Coalescer};
 use crate::guard::LocalGuard;
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, Stages};
+use crate::pipeline::{Pipeline, SharedAuth, Stages};
 use crate::server::ListenerSettings;
 use crate::upstream::{Exchange, Upstream};
 
@@ -94,8 +101,14 @@ impl Running {
 /// Unusable kubeconfig or certificates, addresses that cannot be bound.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let upstream = Upstream::from_config(&config.upstream).await?;
+    let client_ca = match &config.mode {
+        Mode::Shared(shared) => shared.client_ca_file.as_deref(),
+        Mode::Local => None,
+    };
     let tls = match &config.listener.tls {
-        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(tls)?)),
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
+            tls, client_ca,
+        )?)),
         None => None,
     };
     let bind = |addr: SocketAddr| async move {
@@ -119,22 +132,50 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let cache_metrics = CacheMetrics::register(metrics.registry_mut());
     let coalesce_metrics = CoalesceMetrics::register(metrics.registry_mut());
     let admit_metrics = AdmitMetrics::register(metrics.registry_mut());
+    let authn_metrics = AuthnMetrics::register(metrics.registry_mut());
+    let authz_metrics = AuthzMetrics::register(metrics.registry_mut());
     let limiter = Arc::new(Limiter::new(&config.limits, admit_metrics));
     let metrics = Arc::new(metrics);
     let api_client: Arc<dyn kache_cache::upstream::ApiClient> = Arc::new(upstream.clone());
     let discovery = Discovery::new(api_client.clone(), config.discovery.clone(), discovery_metrics);
-    let cache = Cache::new(api_client, discovery.clone(), config.cache.clone(), cache_metrics);
+    let cache = Cache::new(
+        api_client.clone(),
+        discovery.clone(),
+        config.cache.clone(),
+        cache_metrics,
+    );
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let shared = match &config.mode {
+        Mode::Local => None,
+        Mode::Shared(shared) => {
+            let rbac =
+                (shared.authorization == AuthorizationMode::Rbac).then(|| Rbac::new(api_client.clone()));
+            if let Some(rbac) = &rbac {
+                tasks.push(tokio::spawn(until_shutdown(
+                    rbac.clone().run(),
+                    shutdown_rx.clone(),
+                )));
+            }
+            Some(SharedAuth {
+                authenticator: Authenticator::new(shared, upstream.clone(), authn_metrics),
+                authorizer: Authorizer::new(shared, rbac, upstream.clone(), authz_metrics),
+                bare_upstream: upstream.without_credentials()?,
+            })
+        }
+    };
     tracing::info!(
         listen = %addr,
         admin = %admin_addr,
         upstream = %upstream.url(),
         tls = tls.is_some(),
+        mode = config.mode.as_str(),
         "kache serving"
     );
 
     let pipeline = Arc::new(Pipeline::new(Stages {
         guard: LocalGuard::new(&config.listener),
+        shared,
         client_key: config.limits.client_key.clone(),
         discovery: discovery.clone(),
         cache: cache.clone(),
@@ -172,14 +213,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
         shutdown_rx.clone(),
     );
-    let tasks = vec![
+    tasks.extend([
         tokio::spawn(main),
         tokio::spawn(admin),
         tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(discovery.run(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(cache.clone().run_preload(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(cache.clone().run_janitor(), shutdown_rx)),
-    ];
+    ]);
     Ok(Running {
         addr,
         admin_addr,

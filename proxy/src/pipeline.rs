@@ -2,13 +2,19 @@
 //! request continue or answers it (`ControlFlow::Break`).
 //!
 //! ```text
-//!   accept (server.rs) ─► identify ─► classify ─► route ─────────────────► respond
-//!                         guard       RequestInfo  discovery cache         Status on errors,
-//!                                                  object cache (rv=0…)    bodies streamed
-//!                                                  admit: seats per client class
-//!                                                  coalesced reads
-//!                                                  else forward
+//!   accept (server.rs) ─► identify ───────► classify ─► route ──────────────────────► respond
+//!                         local: guard      RequestInfo  authorize (shared mode) ┐     Status on errors,
+//!                         shared: authn.rs               discovery cache     ◄───┤     bodies streamed
+//!                         (+ impersonation)              object cache (rv=0…) ◄──┘
+//!                                                        admit: seats per client class
+//!                                                        coalesced reads
+//!                                                        else forward (as the caller)
 //! ```
+//!
+//! Nothing is answered from memory for a caller kache has not authorized:
+//! in shared mode every such answer is preceded by the authorizer's
+//! decision for the (impersonated) user; in local mode a request that
+//! impersonates is always forwarded, for the API server to decide.
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -27,9 +33,11 @@ use kache_config::ClientKeyConfig;
 use tracing::{field, Instrument};
 
 use crate::admit::{ClientKey, Demand, Limiter, Permit};
+use crate::authn::{Authenticator, Caller, PeerCertificates, UpstreamAs};
+use crate::authz::Authorizer;
 use crate::body::{Body, BoxError};
 use crate::coalesce::{self, Coalescer};
-use crate::error::{rescue, ProxyError};
+use crate::error::{rescue, Denied, ProxyError};
 use crate::forward;
 use crate::guard::LocalGuard;
 use crate::metrics::{ErrorLabels, Metrics, RequestLabels, VerbLabels};
@@ -38,6 +46,7 @@ use crate::upstream::Upstream;
 /// Everything a request needs, shared by all connections.
 pub struct Pipeline {
     guard: LocalGuard,
+    shared: Option<SharedAuth>,
     client_key: ClientKeyConfig,
     discovery: Discovery,
     cache: Cache,
@@ -47,9 +56,20 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
 }
 
+/// Shared mode's identify and authorize stages, and the connection that
+/// carries clients' own credentials (passthrough).
+pub struct SharedAuth {
+    pub authenticator: Authenticator,
+    pub authorizer: Authorizer,
+    /// The API server without kache's credentials.
+    pub bare_upstream: Upstream,
+}
+
 /// The parts a pipeline is built from.
 pub struct Stages {
     pub guard: LocalGuard,
+    /// Shared mode's authentication and authorization; `None` in local mode.
+    pub shared: Option<SharedAuth>,
     pub client_key: ClientKeyConfig,
     pub discovery: Discovery,
     pub cache: Cache,
@@ -59,14 +79,11 @@ pub struct Stages {
     pub metrics: Arc<Metrics>,
 }
 
-/// The upstream identity kache uses in local mode, as a coalescing key part:
-/// every client's request goes up with the kubeconfig's credentials.
-const LOCAL_IDENTITY: &str = "kubeconfig";
-
 impl Pipeline {
     pub fn new(stages: Stages) -> Pipeline {
         let Stages {
             guard,
+            shared,
             client_key,
             discovery,
             cache,
@@ -77,6 +94,7 @@ impl Pipeline {
         } = stages;
         Pipeline {
             guard,
+            shared,
             client_key,
             discovery,
             cache,
@@ -101,6 +119,7 @@ impl Pipeline {
             status = field::Empty,
             outcome = field::Empty,
             cache = field::Empty,
+            user = field::Empty,
             client_key = field::Empty,
             duration_ms = field::Empty,
         );
@@ -119,23 +138,37 @@ impl Pipeline {
         request: Request<Incoming>,
     ) -> (&'static str, &'static str, Response<Body>) {
         // identify: only clients this proxy is meant for get through; who they are.
-        if let ControlFlow::Break(response) = self.identify(&request) {
-            return ("unknown", "rejected", response);
+        let caller = match self.identify(&request).await {
+            Ok(caller) => caller,
+            Err(response) => return ("unknown", "rejected", response),
+        };
+        let user = caller.user_name(request.headers()).map(str::to_string);
+        if let Some(user) = &user {
+            tracing::Span::current().record("user", user.as_str());
         }
-        let client = ClientKey::identify_with(peer, request.headers(), None, &self.client_key);
+        let client = ClientKey::identify_with(peer, request.headers(), user.as_deref(), &self.client_key);
         tracing::Span::current().record("client_key", client.as_str());
         // classify: what the API server would call this request.
         let info = classify(&request);
         let verb = info.verb().as_str();
-        // route: discovery and cacheable reads from memory, identical reads
-        // coalesced, everything else to the upstream.
-        let request = match self.route_discovery(request, &info).await {
-            ControlFlow::Break(response) => return (verb, "discovery", response),
-            ControlFlow::Continue(request) => request,
+        // route: discovery and cacheable reads from memory (authorized for
+        // the caller first), identical reads coalesced, everything else to
+        // the upstream.
+        let memory = match self.authorize_memory(&caller, &request, &info).await {
+            ControlFlow::Break(response) => return (verb, "rejected", response),
+            ControlFlow::Continue(memory) => memory,
         };
-        let request = match self.route_cache(request, &info).await {
-            ControlFlow::Break(response) => return (verb, "cache", response),
-            ControlFlow::Continue(request) => request,
+        let request = if memory {
+            let request = match self.route_discovery(request, &info).await {
+                ControlFlow::Break(response) => return (verb, "discovery", response),
+                ControlFlow::Continue(request) => request,
+            };
+            match self.route_cache(request, &info).await {
+                ControlFlow::Break(response) => return (verb, "cache", response),
+                ControlFlow::Continue(request) => request,
+            }
+        } else {
+            request
         };
         // admit + respond: what reaches the upstream takes a seat of the
         // client's class (coalesced reads: one seat per upstream call, taken
@@ -143,18 +176,25 @@ impl Pipeline {
         let admission = Admission {
             limiter: self.limiter.clone(),
             client,
+            user,
             headers: request.headers().clone(),
             path: request.uri().path().to_string(),
             long_running: info.is_long_running(),
         };
-        let (outcome, result) = match coalesce::key_for(&request, LOCAL_IDENTITY) {
+        // The caller's own credentials go over a connection without kache's.
+        let upstream = match (&caller.upstream, &self.shared) {
+            (UpstreamAs::Client, Some(shared)) => &shared.bare_upstream,
+            _ => &self.upstream,
+        };
+        let who = caller.upstream;
+        let (outcome, result) = match coalesce::key_for(&request, who.identity(request.headers())) {
             Some(key) => {
-                let upstream = self.upstream.clone();
+                let upstream = upstream.clone();
                 let (role, result) = self
                     .coalescer
                     .run(key, move || async move {
                         let permit = admission.acquire().await?;
-                        forward::forward(&upstream, request, admission.long_running, Some(permit)).await
+                        forward::forward(&upstream, request, &who, admission.long_running, Some(permit)).await
                     })
                     .await;
                 (role.outcome(), result.map_err(Shared::Arc))
@@ -162,7 +202,7 @@ impl Pipeline {
             None => {
                 let result = match admission.acquire().await {
                     Ok(permit) => {
-                        forward::forward(&self.upstream, request, admission.long_running, Some(permit)).await
+                        forward::forward(upstream, request, &who, admission.long_running, Some(permit)).await
                     }
                     Err(error) => Err(error),
                 };
@@ -176,7 +216,9 @@ impl Pipeline {
             }
             Err(error) => {
                 let outcome = match error.as_ref() {
-                    ProxyError::TooManyRequests { .. } => "rejected",
+                    ProxyError::TooManyRequests { .. }
+                    | ProxyError::Forbidden(_)
+                    | ProxyError::Unauthenticated => "rejected",
                     _ => "error",
                 };
                 (verb, outcome, self.fail(error.as_ref()))
@@ -237,10 +279,67 @@ impl Pipeline {
         }
     }
 
-    fn identify(&self, request: &Request<Incoming>) -> ControlFlow<Response<Body>> {
-        match self.guard.check(request) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(error) => ControlFlow::Break(self.fail(&error)),
+    /// Local mode: the guard's checks, and kache's identity upstream.
+    /// Shared mode: the authenticated (or impersonated) user.
+    async fn identify(&self, request: &Request<Incoming>) -> Result<Caller, Response<Body>> {
+        let result = match &self.shared {
+            None => self
+                .guard
+                .check(request)
+                .map(|()| Caller::local(request.headers())),
+            Some(shared) => {
+                let certificates = request.extensions().get::<PeerCertificates>();
+                shared
+                    .authenticator
+                    .identify(request.headers(), certificates, &shared.authorizer)
+                    .await
+            }
+        };
+        result.map_err(|error| self.fail(&error))
+    }
+
+    /// Whether this request may be answered from memory. Local mode: unless
+    /// it impersonates. Shared mode: a request kache would answer from
+    /// memory (discovery, a cacheable read) must first be allowed for the
+    /// caller, exactly as the API server's authorizer would decide it; a
+    /// denial is the API server's own 403. A decision that cannot be had
+    /// leaves the request to be forwarded: the API server authorizes it itself.
+    async fn authorize_memory(
+        &self,
+        caller: &Caller,
+        request: &Request<Incoming>,
+        info: &RequestInfo,
+    ) -> ControlFlow<Response<Body>, bool> {
+        if !caller.memory {
+            return ControlFlow::Continue(false);
+        }
+        let Some(shared) = &self.shared else {
+            return ControlFlow::Continue(true);
+        };
+        let Some(user) = &caller.user else {
+            return ControlFlow::Continue(false);
+        };
+        let uri = request.uri();
+        let from_memory = if info.is_resource_request {
+            self.cache.would_answer(info, uri.query(), request.headers())
+        } else {
+            discovery::classify_path(uri.path()).is_some()
+        };
+        if !from_memory {
+            return ControlFlow::Continue(false);
+        }
+        let attributes = kache_cache::rbac::Attributes::from_request(info, uri.path());
+        match shared.authorizer.authorize(user, &attributes).await {
+            Ok(decision) if decision.allowed => ControlFlow::Continue(true),
+            Ok(decision) => ControlFlow::Break(self.fail(&ProxyError::Forbidden(Box::new(Denied {
+                user: user.name.clone(),
+                attributes,
+                reason: decision.reason,
+            })))),
+            Err(error) => {
+                tracing::warn!(%error, "no authorization decision; forwarding");
+                ControlFlow::Continue(false)
+            }
         }
     }
 
@@ -313,6 +412,8 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 struct Admission {
     limiter: Arc<Limiter>,
     client: ClientKey,
+    /// The authenticated user, for the limits' `users` rules.
+    user: Option<String>,
     headers: http::HeaderMap,
     path: String,
     long_running: bool,
@@ -320,7 +421,13 @@ struct Admission {
 
 impl Admission {
     async fn acquire(&self) -> Result<Permit, ProxyError> {
-        let demand = Demand::new(&self.client, None, &self.headers, &self.path, self.long_running);
+        let demand = Demand::new(
+            &self.client,
+            self.user.as_deref(),
+            &self.headers,
+            &self.path,
+            self.long_running,
+        );
         self.limiter.acquire(demand).await
     }
 }

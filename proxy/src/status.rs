@@ -24,10 +24,18 @@ struct Status<'a> {
 #[derive(Debug, Serialize)]
 struct Empty {}
 
-#[derive(Debug, Serialize)]
+/// `metav1.StatusDetails`: empty fields are left out, as Go's `omitempty` does.
+#[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Details {
-    retry_after_seconds: u32,
+pub struct Details {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u32>,
 }
 
 /// The `StatusReason` the API server uses for a code (metav1.StatusReason*).
@@ -55,6 +63,25 @@ pub fn reason_for(code: StatusCode) -> &'static str {
 /// `Retry-After` header and `details.retryAfterSeconds`, which client-go
 /// honours by retrying.
 pub fn failure(code: StatusCode, message: &str, retry_after: Option<u32>) -> Response<Body> {
+    let details = retry_after.map(|s| Details {
+        retry_after_seconds: Some(s),
+        ..Details::default()
+    });
+    render(code, message, details, retry_after)
+}
+
+/// A failure response with these `details` (always present, even when empty,
+/// as the API server's `NewForbidden` gives them).
+pub fn failure_with(code: StatusCode, message: &str, details: Details) -> Response<Body> {
+    render(code, message, Some(details), None)
+}
+
+fn render(
+    code: StatusCode,
+    message: &str,
+    details: Option<Details>,
+    retry_after: Option<u32>,
+) -> Response<Body> {
     let status = Status {
         kind: "Status",
         api_version: "v1",
@@ -62,9 +89,7 @@ pub fn failure(code: StatusCode, message: &str, retry_after: Option<u32>) -> Res
         status: "Failure",
         message,
         reason: reason_for(code),
-        details: retry_after.map(|s| Details {
-            retry_after_seconds: s,
-        }),
+        details,
         code: code.as_u16(),
     };
     let mut bytes = serde_json::to_vec(&status).expect("invariant: Status always serializes");

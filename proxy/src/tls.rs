@@ -32,11 +32,17 @@ pub fn generated_ca_path(dir: &Path) -> std::path::PathBuf {
 }
 
 /// Builds the acceptor's configuration (ALPN h2 and http/1.1), generating
-/// the certificate first where asked and not yet there.
+/// the certificate first where asked and not yet there. With `client_ca`,
+/// clients may present a certificate, which must then chain to one of those
+/// CAs and be meant for client authentication; clients without one still
+/// connect (they authenticate with a token, or are anonymous).
 ///
 /// # Errors
 /// Unreadable or invalid PEM files, a failed generation.
-pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    tls: &TlsConfig,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     if let TlsConfig::SelfSigned { dir } = tls {
         ensure_generated(dir)?;
     }
@@ -53,9 +59,27 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
         return Err(file_error(&cert_path, &"no certificate found"));
     }
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_error(&key_path, &e))?;
-    let mut config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| file_error(path, &e))? {
+                roots
+                    .add(cert.map_err(|e| file_error(path, &e))?)
+                    .map_err(|e| file_error(path, &e))?;
+            }
+            if roots.is_empty() {
+                return Err(file_error(path, &"no CA certificate found"));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| file_error(path, &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -120,9 +144,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kache-tls-{}", std::process::id()));
         let tls = TlsConfig::SelfSigned { dir: dir.clone() };
         let _ = rustls::crypto::ring::default_provider().install_default();
-        server_config(&tls).expect("generated");
+        server_config(&tls, None).expect("generated");
         let first = std::fs::read(generated_ca_path(&dir)).expect("ca");
-        server_config(&tls).expect("reused");
+        server_config(&tls, None).expect("reused");
         assert_eq!(std::fs::read(generated_ca_path(&dir)).expect("ca"), first);
         std::fs::remove_dir_all(&dir).ok();
     }
@@ -133,7 +157,7 @@ mod tests {
             cert: "/nonexistent/c.pem".into(),
             key: "/nonexistent/k.pem".into(),
         };
-        let err = server_config(&tls).expect_err("missing");
+        let err = server_config(&tls, None).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/c.pem"), "{err}");
     }
 }

@@ -37,6 +37,9 @@ pub struct Upstream {
     upgrade_service: HttpService,
     url: http::Uri,
     timeout: Duration,
+    /// Kept to derive the same connection without credentials.
+    kube_config: std::sync::Arc<kube::Config>,
+    settings: UpstreamConfig,
 }
 
 /// Why an upstream could not be set up.
@@ -101,7 +104,55 @@ impl Upstream {
             upgrade_service,
             url: kube_config.cluster_url.clone(),
             timeout: config.timeout,
+            kube_config: std::sync::Arc::new(kube_config),
+            settings: config.clone(),
         })
+    }
+
+    /// The same API server, TLS trust and settings, but no credentials of
+    /// kache's own: no client certificate, no token. Shared mode's
+    /// passthrough sends clients' own tokens through it.
+    ///
+    /// # Errors
+    /// See [`Upstream::from_kube_config`].
+    pub fn without_credentials(&self) -> Result<Upstream, SetupError> {
+        let mut kube_config = (*self.kube_config).clone();
+        kube_config.auth_info = kube::config::AuthInfo::default();
+        Upstream::from_kube_config(kube_config, &self.settings)
+    }
+
+    /// POSTs a JSON object with kache's identity and decodes the JSON answer
+    /// (TokenReview, SubjectAccessReview).
+    ///
+    /// # Errors
+    /// The API server could not be asked, or answered with an error status.
+    pub async fn post_json<T, R>(&self, path: &str, body: &T) -> Result<R, ProxyError>
+    where
+        T: serde::Serialize,
+        R: serde::de::DeserializeOwned,
+    {
+        let bytes =
+            serde_json::to_vec(body).map_err(|e| ProxyError::Review(format!("encoding {path}: {e}")))?;
+        let request = Request::post(path)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json")
+            .body(crate::body::full(bytes))
+            .map_err(|e| ProxyError::Review(format!("{path}: {e}")))?;
+        let response = self.send(request, Exchange::Short).await?;
+        let status = response.status();
+        let bytes = tokio::time::timeout(self.timeout, response.into_body().collect())
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))?
+            .map_err(|e| ProxyError::UpstreamFailed(Box::new(e)))?
+            .to_bytes();
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ProxyError::Review(format!("{path}: {status}: {message}")));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ProxyError::Review(format!("decoding {path}: {e}")))
     }
 
     /// The API server's URL, for logs.

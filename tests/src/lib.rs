@@ -293,6 +293,11 @@ impl Cluster {
         client_from_kubeconfig(&self.admin_kubeconfig).await
     }
 
+    /// The test cluster's CA, as a kube client's `root_cert`.
+    pub fn root_cert(&self) -> Option<Vec<Vec<u8>>> {
+        Some(vec![pem_to_der(&std::fs::read_to_string(&self.ca_cert).unwrap())])
+    }
+
     /// A kube client for the API server that presents no credentials at all.
     pub fn anonymous_client(&self) -> kube::Client {
         let mut config = kube::Config::new(self.apiserver_url.parse().expect("invariant: checked at load"));
@@ -406,6 +411,8 @@ fn find_or_build_kache() -> PathBuf {
 /// Killed on drop; its stderr is printed when the test is failing.
 pub struct Kache {
     child: Child,
+    /// The CA of kache's own serving certificate, when it serves HTTPS.
+    tls_ca: Option<PathBuf>,
     addr: SocketAddr,
     admin_addr: SocketAddr,
     kubeconfig: PathBuf,
@@ -445,8 +452,12 @@ impl Kache {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let stdout = std::fs::File::create(dir.path().join("kache.stdout")).unwrap();
         let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--kubeconfig")
+        if extra.contains(&"--tls") {
+            cmd.arg("serve").arg("--state-dir").arg(dir.path().join("state"));
+        } else {
+            cmd.arg("serve");
+        }
+        cmd.arg("--kubeconfig")
             .arg(upstream)
             .arg("--listen")
             .arg(addr.to_string())
@@ -463,8 +474,10 @@ impl Kache {
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let tls_ca = extra.contains(&"--tls").then(|| dir.path().join("state/ca.crt"));
         let mut kache = Kache {
             child,
+            tls_ca,
             addr,
             admin_addr,
             kubeconfig: dir.path().join("client.kubeconfig"),
@@ -506,9 +519,50 @@ impl Kache {
         Ok(kache)
     }
 
-    /// `http://127.0.0.1:PORT` of the client-facing listener.
+    /// Starts kache in shared mode (HTTPS with a generated certificate,
+    /// client certificates of the test cluster's CA accepted) with extra flags.
+    pub fn start_shared(upstream_kubeconfig: &Path, extra: &[&str]) -> Kache {
+        let ca = cluster().ca_cert.to_str().expect("utf-8 path").to_string();
+        let mut args = vec!["--mode", "shared", "--tls", "--client-ca-file", ca.as_str()];
+        args.extend_from_slice(extra);
+        Self::start_with_args(upstream_kubeconfig, &args)
+    }
+
+    /// `http://127.0.0.1:PORT` (or `https://` with TLS) of the client-facing listener.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.tls_ca {
+            Some(_) => format!("https://{}", self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// A kube client for this proxy (HTTPS with its CA when it serves TLS)
+    /// presenting `token`, or no credentials at all.
+    pub fn client_with_token(&self, token: Option<&str>) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().unwrap());
+        if let Some(ca) = &self.tls_ca {
+            config.root_cert = Some(vec![pem_to_der(&std::fs::read_to_string(ca).unwrap())]);
+        }
+        config.auth_info.token = token.map(|t| t.to_string().into());
+        config.default_retry = false;
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// A kube client for this proxy presenting the credentials (token or
+    /// client certificate) of a kubeconfig of the test cluster.
+    pub async fn client_as(&self, kubeconfig: &Path) -> kube::Client {
+        let file = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+        let mut config =
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .unwrap();
+        config.cluster_url = self.url().parse().unwrap();
+        config.root_cert = self
+            .tls_ca
+            .as_ref()
+            .map(|ca| vec![pem_to_der(&std::fs::read_to_string(ca).unwrap())]);
+        config.default_retry = false;
+        kube::Client::try_from(config).unwrap()
     }
 
     /// Address of the client-facing listener.

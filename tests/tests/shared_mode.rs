@@ -1,0 +1,696 @@
+//! Shared mode against the real API server: every client is itself. The
+//! same request, with the same credentials, is asked of kache and of the API
+//! server, and the answers must be the same — status, `Status` body, and the
+//! items returned — whether kache answered from memory, forwarded, or
+//! refused. And local mode never answers an impersonating request from memory.
+//!
+//! The test cluster's users: `admin` (client certificate, system:masters; also
+//! kache's own identity upstream), `admin-token`, `alice` and `bob` (static
+//! tokens; alice and bob have no grants but what these tests give them), a
+//! service account whose token comes from the TokenRequest API, and
+//! anonymous requests (the API server has anonymous authentication on).
+
+#![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns (STYLE.md)
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use http::header::CONTENT_TYPE;
+use kache_tests::{client_from_kubeconfig, cluster, AuditFilter, Kache, TestNamespace};
+use kube::client::Body;
+use serde_json::{json, Value};
+
+/// Bound on one request (a watch asks for 2 s).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A whole answer.
+#[derive(Debug, Clone)]
+struct Reply {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends a request and returns the whole answer, whatever its status.
+async fn send(
+    client: &kube::Client,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Reply {
+    let mut request = http::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = match body {
+        Some(body) => request
+            .header(CONTENT_TYPE, "application/json")
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+        None => request.body(Body::empty()).unwrap(),
+    };
+    let response = tokio::time::timeout(REQUEST_TIMEOUT, client.send(request))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {uri}: no answer within {REQUEST_TIMEOUT:?}"))
+        .unwrap_or_else(|e| panic!("{method} {uri}: {e}"));
+    let status = response.status().as_u16();
+    let body = tokio::time::timeout(REQUEST_TIMEOUT, response.into_body().collect_bytes())
+        .await
+        .unwrap_or_else(|_| panic!("{method} {uri}: body incomplete"))
+        .unwrap_or_else(|e| panic!("{method} {uri}: reading the body: {e}"))
+        .to_vec();
+    Reply { status, body }
+}
+
+async fn admin() -> kube::Client {
+    cluster().admin_client().await
+}
+
+/// A write as admin, straight to the API server; must succeed.
+async fn admin_write(method: &str, uri: &str, body: Value) -> Value {
+    let reply = send(&admin().await, method, uri, &[], Some(&body)).await;
+    assert!(
+        reply.status < 300,
+        "{method} {uri}: {} {}",
+        reply.status,
+        reply.text()
+    );
+    reply.json()
+}
+
+async fn admin_delete(uri: &str) {
+    let reply = send(&admin().await, "DELETE", uri, &[], None).await;
+    assert!(
+        reply.status < 300 || reply.status == 404,
+        "DELETE {uri}: {} {}",
+        reply.status,
+        reply.text()
+    );
+}
+
+/// A Role granting `verbs` on configmaps in `ns` (optionally only some names),
+/// bound to `subject`.
+async fn grant_configmaps(ns: &str, name: &str, verbs: &[&str], names: &[&str], subject: Value) {
+    let mut rule = json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": verbs});
+    if !names.is_empty() {
+        rule["resourceNames"] = json!(names);
+    }
+    admin_write(
+        "POST",
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": name}, "rules": [rule]}),
+    )
+    .await;
+    admin_write(
+        "POST",
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": name},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+               "subjects": [subject]}),
+    )
+    .await;
+}
+
+fn user(name: &str) -> Value {
+    json!({"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": name})
+}
+
+/// The identities of the matrix: a name, a client of kache and one of the
+/// API server with the same credentials.
+struct Identity {
+    name: &'static str,
+    via: kube::Client,
+    direct: kube::Client,
+}
+
+/// A namespace with two configmaps that alice and a service account may
+/// read, bob may not; a second namespace nobody but admin may read.
+struct World {
+    ns: TestNamespace,
+    other: TestNamespace,
+    sa_token: String,
+}
+
+async fn world(prefix: &str) -> World {
+    let ns = TestNamespace::create(prefix);
+    let other = TestNamespace::create(&format!("{prefix}-other"));
+    for namespace in [ns.name(), other.name()] {
+        for cm in ["cm-a", "cm-b"] {
+            admin_write(
+                "POST",
+                &format!("/api/v1/namespaces/{namespace}/configmaps"),
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": cm}, "data": {"k": cm}}),
+            )
+            .await;
+        }
+    }
+    grant_configmaps(
+        ns.name(),
+        "alice-reads",
+        &["get", "list", "watch"],
+        &[],
+        user("alice"),
+    )
+    .await;
+    admin_write(
+        "POST",
+        &format!("/api/v1/namespaces/{}/serviceaccounts", ns.name()),
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "robot"}}),
+    )
+    .await;
+    grant_configmaps(
+        ns.name(),
+        "robot-reads",
+        &["list"],
+        &[],
+        json!({"kind": "ServiceAccount", "name": "robot", "namespace": ns.name()}),
+    )
+    .await;
+    let token = admin_write(
+        "POST",
+        &format!("/api/v1/namespaces/{}/serviceaccounts/robot/token", ns.name()),
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {}}),
+    )
+    .await;
+    let sa_token = token["status"]["token"].as_str().unwrap().to_string();
+    World { ns, other, sa_token }
+}
+
+/// The API server directly, with a bearer token (or none).
+fn direct_with_token(token: Option<&str>) -> kube::Client {
+    let c = cluster();
+    let mut config = kube::Config::new(c.apiserver_url.parse().unwrap());
+    config.root_cert = c.root_cert();
+    config.auth_info.token = token.map(|t| t.to_string().into());
+    config.default_retry = false;
+    kube::Client::try_from(config).unwrap()
+}
+
+async fn identities(kache: &Kache, world: &World, anonymous: bool) -> Vec<Identity> {
+    let c = cluster();
+    let mut out = vec![
+        Identity {
+            name: "admin (certificate)",
+            via: kache.client_as(&c.admin_kubeconfig).await,
+            direct: client_from_kubeconfig(&c.admin_kubeconfig).await,
+        },
+        Identity {
+            name: "admin-token",
+            via: kache.client_as(&c.admin_token_kubeconfig).await,
+            direct: client_from_kubeconfig(&c.admin_token_kubeconfig).await,
+        },
+        Identity {
+            name: "alice",
+            via: kache.client_with_token(Some(&c.alice_token)),
+            direct: direct_with_token(Some(&c.alice_token)),
+        },
+        Identity {
+            name: "bob",
+            via: kache.client_with_token(Some(&c.bob_token)),
+            direct: direct_with_token(Some(&c.bob_token)),
+        },
+        Identity {
+            name: "service account",
+            via: kache.client_with_token(Some(&world.sa_token)),
+            direct: direct_with_token(Some(&world.sa_token)),
+        },
+    ];
+    if anonymous {
+        out.push(Identity {
+            name: "anonymous",
+            via: kache.client_with_token(None),
+            direct: direct_with_token(None),
+        });
+    }
+    out
+}
+
+/// One request of the matrix.
+struct Ask {
+    method: &'static str,
+    uri: String,
+    body: Option<Value>,
+}
+
+fn asks(world: &World) -> Vec<Ask> {
+    let (ns, other) = (world.ns.name(), world.other.name());
+    let get = |uri: String| Ask {
+        method: "GET",
+        uri,
+        body: None,
+    };
+    vec![
+        get(format!("/api/v1/namespaces/{ns}/configmaps?resourceVersion=0")),
+        get(format!("/api/v1/namespaces/{other}/configmaps?resourceVersion=0")),
+        get("/api/v1/configmaps?resourceVersion=0".to_string()),
+        get(format!(
+            "/api/v1/namespaces/{ns}/configmaps/cm-a?resourceVersion=0"
+        )),
+        get(format!(
+            "/api/v1/namespaces/{other}/configmaps/cm-a?resourceVersion=0"
+        )),
+        get(format!(
+            "/api/v1/namespaces/{ns}/configmaps/missing?resourceVersion=0"
+        )),
+        get(format!(
+            "/api/v1/namespaces/{ns}/configmaps?resourceVersion=0&fieldSelector=metadata.name%3Dcm-b"
+        )),
+        get(format!(
+            "/api/v1/namespaces/{ns}/configmaps?watch=1&resourceVersion=0&timeoutSeconds=2"
+        )),
+        get(format!(
+            "/api/v1/namespaces/{other}/configmaps?watch=1&resourceVersion=0&timeoutSeconds=2"
+        )),
+        get(format!("/api/v1/namespaces/{ns}/configmaps")),
+        get("/api/v1/configmaps?limit=500".to_string()),
+        Ask {
+            method: "POST",
+            uri: format!("/api/v1/namespaces/{ns}/configmaps?dryRun=All"),
+            body: Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "new"}})),
+        },
+        get("/api".to_string()),
+        get("/apis".to_string()),
+        get("/apis/apps/v1".to_string()),
+        get("/api/v1".to_string()),
+        get("/version".to_string()),
+        get("/openapi/v2".to_string()),
+    ]
+}
+
+/// What of an answer must be equal: the status, the `Status` body of a
+/// failure, the set of items of a list, the objects of a watch, the object
+/// of a GET (rv=0 lists come in arbitrary order on v1.20: sets).
+fn essence(ask: &Ask, reply: &Reply) -> Value {
+    if reply.status >= 400 || ask.uri.starts_with("/version") || !ask.uri.starts_with("/api") {
+        return json!({"status": reply.status, "body": reply.json()});
+    }
+    if ask.uri.contains("watch=1") {
+        let names: BTreeSet<String> = reply
+            .text()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let event: Value = serde_json::from_str(l).unwrap();
+                format!("{} {}", event["type"], event["object"]["metadata"]["name"])
+            })
+            .collect();
+        return json!({"status": reply.status, "events": names});
+    }
+    let value = reply.json();
+    if ask.method == "POST" {
+        return json!({"status": reply.status, "name": value["metadata"]["name"]});
+    }
+    match value["items"].as_array() {
+        Some(items) => {
+            let names: BTreeSet<String> = items
+                .iter()
+                .map(|i| format!("{}/{}", i["metadata"]["namespace"], i["metadata"]["name"]))
+                .collect();
+            json!({"status": reply.status, "kind": value["kind"], "items": names})
+        }
+        None if ask.uri.starts_with("/api/v1/namespaces")
+            || ask.uri.starts_with("/apis/") && ask.uri.contains("/namespaces/") =>
+        {
+            json!({"status": reply.status, "object": value})
+        }
+        None => json!({"status": reply.status, "body": value}),
+    }
+}
+
+/// Asks every identity every question, of kache and of the API server.
+async fn assert_matrix(kache: &Kache, world: &World, anonymous: bool) {
+    let identities = identities(kache, world, anonymous).await;
+    let asks = asks(world);
+    let mut mismatches = Vec::new();
+    let mut answered = 0;
+    for identity in &identities {
+        let checks = asks.iter().map(|ask| async move {
+            let (via, direct) = tokio::join!(
+                send(&identity.via, ask.method, &ask.uri, &[], ask.body.as_ref()),
+                send(&identity.direct, ask.method, &ask.uri, &[], ask.body.as_ref()),
+            );
+            (ask, via, direct)
+        });
+        for (ask, via, direct) in futures::future::join_all(checks).await {
+            answered += 1;
+            let (v, d) = (essence(ask, &via), essence(ask, &direct));
+            if v != d {
+                mismatches.push(format!(
+                    "{} {} {}:\n  kache:  {v}\n  direct: {d}",
+                    identity.name, ask.method, ask.uri
+                ));
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {answered} answers differ:\n{}\n--- kache stderr ---\n{}",
+        mismatches.len(),
+        mismatches.join("\n"),
+        kache.stderr()
+    );
+}
+
+/// The matrix must not be vacuous: the granted users really were answered
+/// from memory, and the denied ones really were denied by kache.
+fn assert_memory_was_used(kache: &Kache) {
+    let metrics = kache.metrics();
+    let count = |needle: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(count("kache_cache_hits_total") > 0.0, "no cache hit:\n{metrics}");
+    assert!(
+        count("kache_authorization_decisions_total{result=\"denied\"") > 0.0,
+        "no denial by kache:\n{metrics}"
+    );
+    assert!(
+        count("kache_authorization_decisions_total{result=\"allowed\"") > 0.0,
+        "nothing allowed by kache:\n{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_user_gets_through_shared_kache_what_the_api_server_gives_it_rbac_and_impersonation() {
+    let world = world("shared-rbac").await;
+    let kache = Kache::start_shared(&cluster().admin_kubeconfig, &["--allow-anonymous"]);
+    assert_matrix(&kache, &world, true).await;
+    assert_memory_was_used(&kache);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_user_gets_through_shared_kache_what_the_api_server_gives_it_sar_and_passthrough() {
+    let world = world("shared-sar").await;
+    let kache = Kache::start_shared(
+        &cluster().admin_kubeconfig,
+        &[
+            "--allow-anonymous",
+            "--authorization",
+            "sar",
+            "--forward",
+            "passthrough",
+        ],
+    );
+    assert_matrix(&kache, &world, true).await;
+    assert_memory_was_used(&kache);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_credentials_are_401_unless_anonymous_is_allowed() {
+    let kache = Kache::start_shared(&cluster().admin_kubeconfig, &[]);
+    let anonymous = kache.client_with_token(None);
+    for uri in [
+        "/api",
+        "/version",
+        "/api/v1/namespaces/default/configmaps?resourceVersion=0",
+    ] {
+        let reply = send(&anonymous, "GET", uri, &[], None).await;
+        assert_eq!(reply.status, 401, "{uri}: {}", reply.text());
+        assert_eq!(
+            reply.json(),
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+        );
+    }
+    // An invalid token is 401 too, and the same as the API server's.
+    let invalid = "not-a-valid-token";
+    let via = send(&kache.client_with_token(Some(invalid)), "GET", "/api", &[], None).await;
+    let direct = send(&direct_with_token(Some(invalid)), "GET", "/api", &[], None).await;
+    assert_eq!((via.status, via.json()), (direct.status, direct.json()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_never_answers_impersonating_reads_from_memory() {
+    let world = world("local-as").await;
+    let kache = Kache::start(&cluster().admin_kubeconfig);
+    let via = kache.client();
+    let direct = admin().await;
+    let list = format!(
+        "/api/v1/namespaces/{}/configmaps?resourceVersion=0",
+        world.ns.name()
+    );
+    let watch = format!(
+        "/api/v1/namespaces/{}/configmaps?watch=1&resourceVersion=0&timeoutSeconds=2",
+        world.other.name()
+    );
+    // Warm the cache with kache's own (admin) view, so a leak would show.
+    assert_eq!(send(&via, "GET", &list, &[], None).await.status, 200);
+    for uri in [&list, &watch] {
+        for headers in [
+            &[("Impersonate-User", "bob")][..],
+            &[("Impersonate-User", "alice"), ("Impersonate-Group", "devs")][..],
+        ] {
+            let v = send(&via, "GET", uri, headers, None).await;
+            let d = send(&direct, "GET", uri, headers, None).await;
+            let ask = Ask {
+                method: "GET",
+                uri: uri.clone(),
+                body: None,
+            };
+            assert_eq!(essence(&ask, &v), essence(&ask, &d), "{uri} {headers:?}");
+        }
+    }
+    // bob is refused both; alice reads her namespace (granted by a Role).
+    let bob = send(&via, "GET", &list, &[("Impersonate-User", "bob")], None).await;
+    assert_eq!(bob.status, 403, "{}", bob.text());
+    let alice = send(&via, "GET", &list, &[("Impersonate-User", "alice")], None).await;
+    assert_eq!(alice.status, 200, "{}", alice.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_mode_honours_a_clients_impersonation_only_where_the_api_server_would() {
+    let world = world("shared-as").await;
+    let c = cluster();
+    for forward in ["impersonate", "passthrough"] {
+        let kache = Kache::start_shared(&c.admin_kubeconfig, &["--forward", forward]);
+        let list = format!(
+            "/api/v1/namespaces/{}/configmaps?resourceVersion=0",
+            world.ns.name()
+        );
+        let ask = Ask {
+            method: "GET",
+            uri: list.clone(),
+            body: None,
+        };
+        let sa = format!("system:serviceaccount:{}:robot", world.ns.name());
+        let cases = [
+            Case {
+                name: "alice as bob",
+                via: kache.client_with_token(Some(&c.alice_token)),
+                direct: direct_with_token(Some(&c.alice_token)),
+                as_user: "bob",
+            },
+            Case {
+                name: "admin-token as alice",
+                via: kache.client_as(&c.admin_token_kubeconfig).await,
+                direct: client_from_kubeconfig(&c.admin_token_kubeconfig).await,
+                as_user: "alice",
+            },
+            Case {
+                name: "admin-token as bob",
+                via: kache.client_as(&c.admin_token_kubeconfig).await,
+                direct: client_from_kubeconfig(&c.admin_token_kubeconfig).await,
+                as_user: "bob",
+            },
+            Case {
+                name: "admin as the service account",
+                via: kache.client_as(&c.admin_kubeconfig).await,
+                direct: client_from_kubeconfig(&c.admin_kubeconfig).await,
+                as_user: &sa,
+            },
+        ];
+        for Case {
+            name,
+            via,
+            direct,
+            as_user,
+        } in cases
+        {
+            let headers = [("Impersonate-User", as_user)];
+            for uri in [list.clone(), format!("{list}&watch=1&timeoutSeconds=1")] {
+                let ask = Ask {
+                    uri,
+                    ..ask_clone(&ask)
+                };
+                let v = send(&via, "GET", &ask.uri, &headers, None).await;
+                let d = send(&direct, "GET", &ask.uri, &headers, None).await;
+                assert_eq!(
+                    essence(&ask, &v),
+                    essence(&ask, &d),
+                    "{forward}: {name} {}\n{}",
+                    ask.uri,
+                    kache.stderr()
+                );
+            }
+        }
+    }
+}
+
+/// A client impersonating `as_user`, through kache and directly.
+struct Case<'a> {
+    name: &'static str,
+    via: kube::Client,
+    direct: kube::Client,
+    as_user: &'a str,
+}
+
+fn ask_clone(ask: &Ask) -> Ask {
+    Ask {
+        method: ask.method,
+        uri: ask.uri.clone(),
+        body: ask.body.clone(),
+    }
+}
+
+/// Polls kache until `done` says its answer changed; returns how long it took.
+async fn time_until(
+    client: &kube::Client,
+    uri: &str,
+    timeout: Duration,
+    done: impl Fn(&Reply) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let reply = send(client, "GET", uri, &[], None).await;
+        if done(&reply) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "still {} after {timeout:?}: {}",
+            reply.status,
+            reply.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_binding_denies_reads_from_memory_once_kache_has_seen_it() {
+    let c = cluster();
+    // sar mode: decisions are reused for 2 s here; the delete must show within that.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "shared: {authorizationCacheTtlSeconds: 2}\n").unwrap();
+    let config = config.path().to_str().unwrap();
+    for (mode, bound) in [
+        ("rbac", Duration::from_secs(30)),
+        ("sar", Duration::from_secs(2 + 5)),
+    ] {
+        let world = world(&format!("revoke-{mode}")).await;
+        let kache = Kache::start_shared(
+            &c.admin_kubeconfig,
+            &["--authorization", mode, "--config", config],
+        );
+        let alice = kache.client_with_token(Some(&c.alice_token));
+        let list = format!(
+            "/api/v1/namespaces/{}/configmaps?resourceVersion=0",
+            world.ns.name()
+        );
+        let first = send(&alice, "GET", &list, &[], None).await;
+        assert_eq!(first.status, 200, "{}", first.text());
+        admin_delete(&format!(
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/{}/rolebindings/alice-reads",
+            world.ns.name()
+        ))
+        .await;
+        let delay = time_until(&alice, &list, bound, |r| r.status == 403).await;
+        eprintln!("{mode}: alice's reads from memory denied {delay:?} after her RoleBinding was deleted");
+        let direct = send(&direct_with_token(Some(&c.alice_token)), "GET", &list, &[], None).await;
+        let via = send(&alice, "GET", &list, &[], None).await;
+        assert_eq!((via.status, via.json()), (direct.status, direct.json()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_requests_by_one_token_make_a_bounded_number_of_reviews() {
+    let c = cluster();
+    let world = world("reviews").await;
+    // kache's upstream identity here is the admin-token user, so its reviews
+    // can be told apart from other tests' in the audit log.
+    let kache = Kache::start_shared(&c.admin_token_kubeconfig, &[]);
+    let alice = kache.client_with_token(Some(&c.alice_token));
+    let bob = kache.client_with_token(Some(&c.bob_token));
+    let list = format!(
+        "/api/v1/namespaces/{}/configmaps?resourceVersion=0",
+        world.ns.name()
+    );
+    let audit = c.audit();
+    let mark = audit.mark();
+    let started = Instant::now();
+    for round in 0..10 {
+        let batch = (0..100).map(|i| {
+            let client = if i % 10 == 0 { &bob } else { &alice };
+            let list = &list;
+            async move { send(client, "GET", list, &[], None).await.status }
+        });
+        let statuses = futures::future::join_all(batch).await;
+        for (i, status) in statuses.iter().enumerate() {
+            let want = if i % 10 == 0 { 403 } else { 200 };
+            assert_eq!(*status, want, "request {i} of round {round}");
+        }
+    }
+    // An invalid token is refused every time, never answered from a cache.
+    let invalid = kache.client_with_token(Some("invalid-token"));
+    for _ in 0..5 {
+        assert_eq!(send(&invalid, "GET", &list, &[], None).await.status, 401);
+    }
+    // A sentinel request's audit line proves every earlier line is written.
+    let sentinel = format!(
+        "/api/v1/namespaces/{}/configmaps/sentinel-{}",
+        world.ns.name(),
+        std::process::id()
+    );
+    send(&admin().await, "GET", &sentinel, &[], None).await;
+    let marker = AuditFilter::new().uri(&sentinel);
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    while mark.matching(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the sentinel never reached the audit log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let by_kache = AuditFilter::new().user("admin-token");
+    let events = mark.matching(&by_kache);
+    let token_reviews = events
+        .iter()
+        .filter(|e| e.request_uri.contains("/tokenreviews"))
+        .count();
+    let access_reviews = events
+        .iter()
+        .filter(|e| e.request_uri.contains("/subjectaccessreviews"))
+        .count();
+    let lists = mark
+        .matching(&AuditFilter::new().uri_prefix(&list))
+        .into_iter()
+        .filter(|e| e.username != "system:apiserver")
+        .count();
+    let elapsed = started.elapsed();
+    eprintln!(
+        "1,005 requests in {elapsed:?}: {token_reviews} TokenReviews, {access_reviews} SubjectAccessReviews, \
+         {lists} lists upstream"
+    );
+    // alice's and bob's tokens once each, the invalid one once (its
+    // rejection is remembered for 10 s); bob's denial confirmed once per
+    // 10 s decision TTL; alice is allowed by local RBAC, without a review.
+    let ttls = 1 + elapsed.as_secs() as usize / 10;
+    assert!(token_reviews <= 2 + ttls, "{token_reviews} TokenReviews");
+    assert!(access_reviews <= ttls, "{access_reviews} SubjectAccessReviews");
+    assert!(lists <= 1, "{lists} LISTs reached the API server");
+}
