@@ -1,10 +1,12 @@
 //! The admin listener: `/livez`, `/readyz`, `/metrics`. Kept off the main
 //! listener, which forwards those paths to the API server like any other.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
+use kache_cache::rbac::Rbac;
 use kache_cache::resources::Cache;
 
 use crate::body::{full, Body};
@@ -14,6 +16,30 @@ use crate::metrics::Metrics;
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub cache: Cache,
+    /// Shared mode's RBAC evaluator: a new replica is not ready before it
+    /// has the RBAC objects once (else every answer from memory would need a
+    /// SubjectAccessReview). Later resyncs do not take readiness away: the
+    /// reviews keep answers right meanwhile.
+    pub rbac: Option<Rbac>,
+    pub rbac_synced_once: AtomicBool,
+}
+
+impl AdminState {
+    /// Why kache is not ready, or `None` when it is.
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.metrics.is_ready() {
+            return Some("the API server has not answered yet");
+        }
+        if let Some(rbac) = &self.rbac {
+            if !self.rbac_synced_once.load(Ordering::Relaxed) {
+                if !rbac.is_synced() {
+                    return Some("the RBAC objects are not synced yet");
+                }
+                self.rbac_synced_once.store(true, Ordering::Relaxed);
+            }
+        }
+        None
+    }
 }
 
 /// Answers an admin request.
@@ -21,12 +47,14 @@ pub fn handle<B>(state: &AdminState, request: &Request<B>) -> Response<Body> {
     let metrics = &state.metrics;
     let (code, content_type, text) = match request.uri().path() {
         "/livez" | "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", "ok".to_string()),
-        "/readyz" if metrics.is_ready() => (StatusCode::OK, "text/plain; charset=utf-8", "ok".to_string()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain; charset=utf-8",
-            "the API server has not answered yet".to_string(),
-        ),
+        "/readyz" => match state.not_ready() {
+            None => (StatusCode::OK, "text/plain; charset=utf-8", "ok".to_string()),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                why.to_string(),
+            ),
+        },
         "/debug/cache" => (
             StatusCode::OK,
             "application/json",
@@ -76,6 +104,8 @@ mod tests {
         AdminState {
             metrics: Arc::new(Metrics::new()),
             cache: Cache::new(client, discovery, Default::default(), CacheMetrics::default()),
+            rbac: None,
+            rbac_synced_once: AtomicBool::new(false),
         }
     }
 
@@ -92,6 +122,23 @@ mod tests {
         assert_eq!(get(&state, "/readyz").status(), 200);
         assert_eq!(get(&state, "/metrics").status(), 200);
         assert_eq!(get(&state, "/nope").status(), 404);
+    }
+
+    #[tokio::test]
+    async fn shared_mode_is_ready_once_the_rbac_objects_were_synced() {
+        let mut state = state();
+        let rbac = Rbac::new(Arc::new(Unreachable));
+        state.rbac = Some(rbac);
+        state.metrics.mark_ready();
+        assert_eq!(get(&state, "/readyz").status(), 503, "RBAC not synced");
+        state.rbac = Some(Rbac::from_objects([]));
+        assert_eq!(get(&state, "/readyz").status(), 200);
+        state.rbac = Some(Rbac::new(Arc::new(Unreachable)));
+        assert_eq!(
+            get(&state, "/readyz").status(),
+            200,
+            "a later resync keeps readiness"
+        );
     }
 
     #[tokio::test]

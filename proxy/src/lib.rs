@@ -146,23 +146,25 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // Shared mode's RBAC evaluator (rbac authorization), watched from the start.
+    let rbac = match &config.mode {
+        Mode::Shared(shared) if shared.authorization == AuthorizationMode::Rbac => {
+            let rbac = Rbac::new(api_client.clone());
+            tasks.push(tokio::spawn(until_shutdown(
+                rbac.clone().run(),
+                shutdown_rx.clone(),
+            )));
+            Some(rbac)
+        }
+        _ => None,
+    };
     let shared = match &config.mode {
         Mode::Local => None,
-        Mode::Shared(shared) => {
-            let rbac =
-                (shared.authorization == AuthorizationMode::Rbac).then(|| Rbac::new(api_client.clone()));
-            if let Some(rbac) = &rbac {
-                tasks.push(tokio::spawn(until_shutdown(
-                    rbac.clone().run(),
-                    shutdown_rx.clone(),
-                )));
-            }
-            Some(SharedAuth {
-                authenticator: Authenticator::new(shared, upstream.clone(), authn_metrics),
-                authorizer: Authorizer::new(shared, rbac, upstream.clone(), authz_metrics),
-                bare_upstream: upstream.without_credentials()?,
-            })
-        }
+        Mode::Shared(shared) => Some(SharedAuth {
+            authenticator: Authenticator::new(shared, upstream.clone(), authn_metrics),
+            authorizer: Authorizer::new(shared, rbac.clone(), upstream.clone(), authz_metrics),
+            bare_upstream: upstream.without_credentials()?,
+        }),
     };
     tracing::info!(
         listen = %addr,
@@ -198,6 +200,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
         cache: cache.clone(),
+        rbac,
+        rbac_synced_once: std::sync::atomic::AtomicBool::new(false),
     });
     let admin = server::serve(
         admin_listener,
