@@ -64,6 +64,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Removes the headers an authenticating front proxy uses to name a user
+/// (`--requestheader-*-headers`, by default `X-Remote-User`, `X-Remote-Group`,
+/// `X-Remote-Extra-*`). The API server only believes them from a connection
+/// with a front-proxy client certificate, but should kache's own certificate
+/// ever be one, a client must not be able to name any user it likes.
+fn strip_front_proxy_identity(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name == "x-remote-user" || name == "x-remote-group" || name.starts_with("x-remote-extra-")
+        })
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// The request kache sends upstream for a client's request, made as `who`.
 pub fn upstream_request<B>(request: Request<B>, upgrade: bool, who: &UpstreamAs) -> Request<Body>
 where
@@ -72,6 +91,7 @@ where
 {
     let (mut parts, incoming) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    strip_front_proxy_identity(&mut parts.headers);
     match who {
         // kache's own identity (from the kubeconfig), never the client's.
         UpstreamAs::Kubeconfig => {
@@ -271,6 +291,23 @@ mod tests {
         let sent = upstream_request(request(), false, &UpstreamAs::Client);
         assert_eq!(sent.headers()[header::AUTHORIZATION], "Bearer client-token");
         assert_eq!(sent.headers()["impersonate-user"], "admin");
+    }
+
+    #[test]
+    fn front_proxy_identity_headers_never_reach_the_api_server() {
+        for who in [UpstreamAs::Kubeconfig, UpstreamAs::Client] {
+            let request = Request::builder()
+                .uri("/api/v1/secrets")
+                .header("x-remote-user", "admin")
+                .header("x-remote-group", "system:masters")
+                .header("x-remote-extra-scopes", "all")
+                .header("x-request-id", "kept")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("request");
+            let sent = upstream_request(request, false, &who);
+            let names: Vec<_> = sent.headers().keys().map(|k| k.as_str()).collect();
+            assert_eq!(names, ["x-request-id"], "{who:?}");
+        }
     }
 
     #[test]
