@@ -117,10 +117,9 @@ impl AuthzMetrics {
 pub struct Authorizer {
     mode: AuthorizationMode,
     rbac: Option<Rbac>,
-    /// SubjectAccessReview decisions by (RBAC generation, user, attributes):
-    /// in rbac mode a confirmation holds only while the RBAC objects are
-    /// unchanged (sar mode: generation 0, the TTL alone).
-    reviews: moka::future::Cache<(u64, UserInfo, Attributes), Decision>,
+    /// SubjectAccessReview decisions by (user, attributes), each with the
+    /// RBAC generation it was asked at (see [`Authorizer::authorize`]).
+    reviews: moka::future::Cache<(UserInfo, Attributes), (Decision, u64)>,
     upstream: Upstream,
     metrics: AuthzMetrics,
 }
@@ -163,15 +162,27 @@ impl Authorizer {
                 }
             }
         }
+        // In rbac mode, a review that allowed what local RBAC denied holds
+        // only while the RBAC objects are unchanged: a revoked grant must not
+        // outlive the change kache has seen. A review that denied holds for
+        // the TTL: a new RBAC grant is allowed by local RBAC without it.
         let generation = match (self.mode, &self.rbac) {
             (AuthorizationMode::Rbac, Some(rbac)) => rbac.generation(),
             _ => 0,
         };
-        let key = (generation, user.clone(), attributes.clone());
+        let key = (user.clone(), attributes.clone());
+        if let Some((decision, asked_at)) = self.reviews.get(&key).await {
+            if decision.allowed && asked_at != generation {
+                self.reviews.invalidate(&key).await;
+            }
+        }
         let entry = self
             .reviews
             .entry(key)
-            .or_try_insert_with(subject_access_review(&self.upstream, user, attributes))
+            .or_try_insert_with(async {
+                let decision = subject_access_review(&self.upstream, user, attributes).await?;
+                Ok::<_, ProxyError>((decision, generation))
+            })
             .await
             .map_err(|error| ProxyError::Review(error.to_string()))?;
         let source = if entry.is_fresh() {
@@ -179,7 +190,7 @@ impl Authorizer {
         } else {
             DecisionSource::Cache
         };
-        let decision = entry.into_value();
+        let (decision, _) = entry.into_value();
         self.metrics.record(&decision, source, started);
         Ok(decision)
     }
