@@ -22,16 +22,13 @@ use std::time::{Duration, Instant};
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use kache_cache::rbac::{Attributes, UserInfo};
 use kache_config::{ForwardMode, SharedConfig};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Authorizer;
 use crate::error::{Denied, ProxyError};
+use crate::metrics::DecisionMetrics;
 use crate::upstream::Upstream;
 
 pub const ANONYMOUS: &str = "system:anonymous";
@@ -144,49 +141,23 @@ impl AuthnSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct AuthnLabels {
-    result: &'static str,
-    source: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct SourceLabels {
-    source: &'static str,
-}
-
 /// Authentication metrics: results by source, and latency.
 #[derive(Clone)]
-pub struct AuthnMetrics {
-    results: Family<AuthnLabels, Counter>,
-    duration: Family<SourceLabels, Histogram>,
-}
+pub struct AuthnMetrics(DecisionMetrics);
 
 impl AuthnMetrics {
     pub fn register(registry: &mut Registry) -> AuthnMetrics {
-        let metrics = AuthnMetrics {
-            results: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 4.0, 12))),
-        };
-        registry.register(
+        AuthnMetrics(DecisionMetrics::register(
+            registry,
             "authentication_attempts",
             "Authentication results (success, failure) by source (certificate, tokenreview, cache, anonymous, none)",
-            metrics.results.clone(),
-        );
-        registry.register(
             "authentication_duration_seconds",
-            "Time to authenticate a request, by source",
-            metrics.duration.clone(),
-        );
-        metrics
+        ))
     }
 
     fn record(&self, success: bool, source: &'static str, started: Instant) {
-        let result = if success { "success" } else { "failure" };
-        self.results.get_or_create(&AuthnLabels { result, source }).inc();
-        self.duration
-            .get_or_create(&SourceLabels { source })
-            .observe(started.elapsed().as_secs_f64());
+        self.0
+            .record(if success { "success" } else { "failure" }, source, started);
     }
 }
 
@@ -610,16 +581,7 @@ fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (k, v) in pairs {
-            map.append(
-                HeaderName::from_bytes(k.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
-        }
-        map
-    }
+    use crate::forward::tests::headers;
 
     #[test]
     fn bearer_tokens_are_read_as_the_api_server_reads_them() {

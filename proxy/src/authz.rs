@@ -19,15 +19,12 @@ use std::time::Instant;
 use http::{Response, StatusCode};
 use kache_cache::rbac::{Attributes, Rbac, UserInfo};
 use kache_config::{AuthorizationMode, SharedConfig};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::body::Body;
 use crate::error::ProxyError;
+use crate::metrics::DecisionMetrics;
 use crate::upstream::Upstream;
 
 /// The answer to "may this user do this?".
@@ -59,56 +56,23 @@ impl DecisionSource {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct DecisionLabels {
-    result: &'static str,
-    source: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct SourceLabels {
-    source: &'static str,
-}
-
 /// Authorization metrics: decisions by result and source, and their latency.
 #[derive(Clone)]
-pub struct AuthzMetrics {
-    decisions: Family<DecisionLabels, Counter>,
-    duration: Family<SourceLabels, Histogram>,
-}
+pub struct AuthzMetrics(DecisionMetrics);
 
 impl AuthzMetrics {
     pub fn register(registry: &mut Registry) -> AuthzMetrics {
-        let metrics = AuthzMetrics {
-            decisions: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 4.0, 12))),
-        };
-        registry.register(
+        AuthzMetrics(DecisionMetrics::register(
+            registry,
             "authorization_decisions",
             "Authorization decisions for answers from memory, by result (allowed, denied) and source (rbac, sar, cache)",
-            metrics.decisions.clone(),
-        );
-        registry.register(
             "authorization_duration_seconds",
-            "Time to an authorization decision, by source",
-            metrics.duration.clone(),
-        );
-        metrics
+        ))
     }
 
     fn record(&self, decision: &Decision, source: DecisionSource, started: Instant) {
         let result = if decision.allowed { "allowed" } else { "denied" };
-        self.decisions
-            .get_or_create(&DecisionLabels {
-                result,
-                source: source.as_str(),
-            })
-            .inc();
-        self.duration
-            .get_or_create(&SourceLabels {
-                source: source.as_str(),
-            })
-            .observe(started.elapsed().as_secs_f64());
+        self.0.record(result, source.as_str(), started);
     }
 }
 

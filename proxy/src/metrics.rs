@@ -25,6 +25,53 @@ pub struct VerbLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DecisionLabels {
+    result: &'static str,
+    source: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+/// The outcomes of one kind of check (authentication, authorization) by
+/// result and source, and the time each took.
+#[derive(Clone)]
+pub struct DecisionMetrics {
+    results: Family<DecisionLabels, Counter>,
+    duration: Family<SourceLabels, Histogram>,
+}
+
+impl DecisionMetrics {
+    /// Registers `<name>_total` (by `result` and `source`) and
+    /// `<duration_name>_seconds` (by `source`).
+    pub fn register(registry: &mut Registry, name: &str, help: &str, duration_name: &str) -> DecisionMetrics {
+        let metrics = DecisionMetrics {
+            results: Family::default(),
+            // 1 µs … ~4 s: a cached decision takes microseconds, a review milliseconds.
+            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 4.0, 12))),
+        };
+        registry.register(name, help, metrics.results.clone());
+        registry.register(
+            duration_name,
+            format!("Time to the decision counted in kache_{name}_total, by source"),
+            metrics.duration.clone(),
+        );
+        metrics
+    }
+
+    pub fn record(&self, result: &'static str, source: &'static str, started: std::time::Instant) {
+        self.results
+            .get_or_create(&DecisionLabels { result, source })
+            .inc();
+        self.duration
+            .get_or_create(&SourceLabels { source })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: &'static str,
 }
