@@ -13,6 +13,7 @@
 #![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns (STYLE.md)
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use http::header::CONTENT_TYPE;
@@ -1140,4 +1141,141 @@ async fn a_leak_hunt_finds_no_answer_the_api_server_would_refuse() {
         "{allowed} of {answered} allowed"
     );
     drop(cleanup);
+}
+
+/// A kubeconfig for the test API server whose user is a client certificate
+/// for `subject`, signed by the cluster's CA (as `tests/cluster/up.sh` signs admin's).
+fn certificate_kubeconfig(dir: &Path, name: &str, subject: &str) -> std::path::PathBuf {
+    let c = cluster();
+    let pki = c.dir.join("pki");
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let crt = dir.join(format!("{name}.crt"));
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &p(&key),
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &p(&key),
+        "-subj",
+        subject,
+        "-out",
+        &p(&csr),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&pki.join("ca.crt")),
+        "-CAkey",
+        &p(&pki.join("ca.key")),
+        "-CAcreateserial",
+        "-CAserial",
+        &p(&dir.join("ca.srl")),
+        "-days",
+        "1",
+        "-sha256",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&crt),
+    ]);
+    let b64 = |path: &Path| {
+        let out = std::process::Command::new("base64")
+            .arg("-w0")
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let kubeconfig = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority-data: {}}}}}]\n\
+             users: [{{name: u, user: {{client-certificate-data: {}, client-key-data: {}}}}}]\n\
+             contexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+            c.apiserver_url,
+            b64(&c.ca_cert),
+            b64(&crt),
+            b64(&key)
+        ),
+    )
+    .unwrap();
+    kubeconfig
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_its_cn_in_its_o_groups_in_both_forward_modes() {
+    let world = world("cert").await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = format!("devs-{}", world.ns.name());
+    let kubeconfig = certificate_kubeconfig(dir.path(), "carol", &format!("/CN=carol/O={group}/O=other"));
+    grant_configmaps(
+        world.ns.name(),
+        "devs-read",
+        &["get", "list", "watch"],
+        &[],
+        json!({"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": group}),
+    )
+    .await;
+    let direct = client_from_kubeconfig(&kubeconfig).await;
+    for forward in ["impersonate", "passthrough"] {
+        let kache = Kache::start_shared(&cluster().admin_kubeconfig, &["--forward", forward]);
+        let via = kache.client_as(&kubeconfig).await;
+        for uri in [
+            format!(
+                "/api/v1/namespaces/{}/configmaps?resourceVersion=0",
+                world.ns.name()
+            ),
+            format!(
+                "/api/v1/namespaces/{}/configmaps/cm-a?resourceVersion=0",
+                world.ns.name()
+            ),
+            format!(
+                "/api/v1/namespaces/{}/configmaps?resourceVersion=0",
+                world.other.name()
+            ),
+            format!("/api/v1/namespaces/{}/configmaps", world.ns.name()),
+            format!("/api/v1/namespaces/{}/configmaps", world.other.name()),
+            "/api".to_string(),
+        ] {
+            let ask = Ask {
+                method: "GET",
+                uri,
+                body: None,
+            };
+            let v = send(&via, "GET", &ask.uri, &[], None).await;
+            let d = send(&direct, "GET", &ask.uri, &[], None).await;
+            assert_eq!(essence(&ask, &v), essence(&ask, &d), "{forward}: {}", ask.uri);
+        }
+        // The granted read really came from memory, the other one was denied by kache.
+        assert_memory_was_used(&kache);
+        assert!(kache.stderr().contains("user=\"carol\""), "{}", kache.stderr());
+    }
 }
