@@ -36,7 +36,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::discovery::Discovery;
-use crate::reads::{self, Bypass, MinVersion, ReadKind, WatchSettings};
+use crate::reads::{self, Bypass, MinVersion, ReadKind, ReadPlan, WatchSettings};
 use crate::reflector::{self, ReflectorConfig, ResourceSpec};
 use crate::request::RequestInfo;
 use crate::store::{Encoding, Store};
@@ -215,7 +215,41 @@ impl Cache {
         query: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<Answer, Bypass> {
-        let result = self.try_serve(info, query, headers).await;
+        self.serve_plan(info, self.plan(info, query, headers)).await
+    }
+
+    /// What a read asks of the cache, or why the cache cannot answer it
+    /// (cheap: no store is touched). [`Cache::serve_plan`] answers it; a
+    /// caller that must decide something between the two (shared mode
+    /// authorizes exactly the reads the cache would answer) plans once.
+    ///
+    /// # Errors
+    /// The cache is disabled, or the request is not one the cache answers.
+    pub fn plan(
+        &self,
+        info: &RequestInfo,
+        query: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<ReadPlan, Bypass> {
+        if !self.inner.config.enabled {
+            return Err(Bypass::Disabled);
+        }
+        reads::plan(info, query, headers)
+    }
+
+    /// [`Cache::serve`] for a request already planned with [`Cache::plan`].
+    ///
+    /// # Errors
+    /// As [`Cache::serve`].
+    pub async fn serve_plan(
+        &self,
+        info: &RequestInfo,
+        plan: Result<ReadPlan, Bypass>,
+    ) -> Result<Answer, Bypass> {
+        let result = match plan {
+            Ok(plan) => self.try_serve(info, plan).await,
+            Err(reason) => Err(reason),
+        };
         match &result {
             Ok((_, encoding)) => {
                 let labels = ResourceLabels {
@@ -238,26 +272,7 @@ impl Cache {
         result.map(|(answer, _)| answer)
     }
 
-    /// Whether [`Cache::serve`] would try to answer this request from memory
-    /// (it may still hand it back: a store not synced in time, a version not
-    /// reached). Shared mode authorizes exactly these requests first.
-    pub fn would_answer(&self, info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> bool {
-        self.inner.config.enabled
-            && info.is_resource_request
-            && info.verb().is_read()
-            && reads::plan(info, query, headers).is_ok()
-    }
-
-    async fn try_serve(
-        &self,
-        info: &RequestInfo,
-        query: Option<&str>,
-        headers: &HeaderMap,
-    ) -> Result<(Answer, Encoding), Bypass> {
-        if !self.inner.config.enabled {
-            return Err(Bypass::Disabled);
-        }
-        let mut plan = reads::plan(info, query, headers)?;
+    async fn try_serve(&self, info: &RequestInfo, mut plan: ReadPlan) -> Result<(Answer, Encoding), Bypass> {
         let gvr = Gvr {
             group: info.group.clone(),
             version: info.version.clone(),

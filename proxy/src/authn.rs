@@ -16,7 +16,7 @@
 //! request carrying `Impersonate-*` headers is never answered from memory.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
@@ -40,10 +40,65 @@ const IMPERSONATE_GROUP: &str = "impersonate-group";
 const IMPERSONATE_UID: &str = "impersonate-uid";
 const IMPERSONATE_EXTRA_PREFIX: &str = "impersonate-extra-";
 
-/// The client certificate chain a TLS connection presented (already verified
-/// against the client CAs), put on each of its requests by the listener.
-#[derive(Debug, Clone)]
-pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
+/// What one client connection has shown of its identity, shared by its
+/// requests (the listener puts it on each): the certificate chain it
+/// presented (already verified against the client CAs), and the last bearer
+/// token authenticated on it. A connection (HTTP/1.1 keep-alive or HTTP/2)
+/// nearly always carries one identity, so most requests are recognized with
+/// a byte comparison instead of a hash and a cache lookup.
+#[derive(Debug, Default)]
+pub struct Connection {
+    certificates: Option<Vec<CertificateDer<'static>>>,
+    certificate_user: OnceLock<Option<Arc<UserInfo>>>,
+    last_token: RwLock<Option<RememberedToken>>,
+}
+
+#[derive(Debug)]
+struct RememberedToken {
+    /// The whole `Authorization` header value, compared byte for byte.
+    authorization: HeaderValue,
+    user: Arc<UserInfo>,
+    /// The token's review is trusted until then (as in the token cache).
+    until: Instant,
+}
+
+impl Connection {
+    /// A connection that presented these certificates (none: plain HTTP, or
+    /// TLS without a client certificate).
+    pub fn new(certificates: Option<Vec<CertificateDer<'static>>>) -> Connection {
+        Connection {
+            certificates: certificates.filter(|chain| !chain.is_empty()),
+            ..Connection::default()
+        }
+    }
+
+    /// The user of the connection's client certificate, parsed once.
+    fn certificate_user(&self) -> Option<Arc<UserInfo>> {
+        self.certificate_user
+            .get_or_init(|| {
+                let leaf = self.certificates.as_ref()?.first()?;
+                certificate_user(leaf).map(Arc::new)
+            })
+            .clone()
+    }
+
+    /// The user of this `Authorization` value, if it is the one last
+    /// authenticated on this connection and its review still holds.
+    fn remembered(&self, authorization: &HeaderValue) -> Option<Arc<UserInfo>> {
+        let last = self.last_token.read().unwrap_or_else(PoisonError::into_inner);
+        last.as_ref()
+            .filter(|t| t.authorization.as_bytes() == authorization.as_bytes() && Instant::now() < t.until)
+            .map(|t| t.user.clone())
+    }
+
+    fn remember(&self, authorization: &HeaderValue, user: &Arc<UserInfo>, until: Instant) {
+        *self.last_token.write().unwrap_or_else(PoisonError::into_inner) = Some(RememberedToken {
+            authorization: authorization.clone(),
+            user: user.clone(),
+            until,
+        });
+    }
+}
 
 /// How a request reaches the API server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +181,8 @@ pub enum AuthnSource {
     TokenReview,
     /// A TokenReview's answer made earlier (or concurrently).
     Cache,
+    /// The token last authenticated on the same connection.
+    Connection,
     Anonymous,
 }
 
@@ -136,6 +193,7 @@ impl AuthnSource {
             AuthnSource::Certificate => "certificate",
             AuthnSource::TokenReview => "tokenreview",
             AuthnSource::Cache => "cache",
+            AuthnSource::Connection => "connection",
             AuthnSource::Anonymous => "anonymous",
         }
     }
@@ -150,7 +208,7 @@ impl AuthnMetrics {
         AuthnMetrics(DecisionMetrics::register(
             registry,
             "authentication_attempts",
-            "Authentication results (success, failure) by source (certificate, tokenreview, cache, anonymous, none)",
+            "Authentication results (success, failure) by source (certificate, tokenreview, cache, connection, anonymous, none)",
             "authentication_duration_seconds",
         ))
     }
@@ -164,7 +222,11 @@ impl AuthnMetrics {
 /// What a TokenReview said about a token.
 #[derive(Debug, Clone)]
 enum TokenOutcome {
-    Authenticated(Arc<UserInfo>),
+    /// Trusted until `until` (the review's time plus the token TTL).
+    Authenticated {
+        user: Arc<UserInfo>,
+        until: Instant,
+    },
     Rejected,
 }
 
@@ -182,7 +244,7 @@ impl moka::Expiry<[u8; 32], TokenOutcome> for TokenExpiry {
         _now: std::time::Instant,
     ) -> Option<Duration> {
         Some(match value {
-            TokenOutcome::Authenticated(_) => self.success,
+            TokenOutcome::Authenticated { .. } => self.success,
             TokenOutcome::Rejected => self.failure,
         })
     }
@@ -194,6 +256,7 @@ pub struct Authenticator {
     forward: ForwardMode,
     allow_anonymous: bool,
     tokens: moka::future::Cache<[u8; 32], TokenOutcome>,
+    token_ttl: Duration,
     upstream: Upstream,
     metrics: AuthnMetrics,
 }
@@ -211,6 +274,7 @@ impl Authenticator {
                     failure: config.token_failure_cache_ttl,
                 })
                 .build(),
+            token_ttl: config.token_cache_ttl,
             upstream,
             metrics,
         }
@@ -226,10 +290,10 @@ impl Authenticator {
     pub async fn identify(
         &self,
         headers: &HeaderMap,
-        certificates: Option<&PeerCertificates>,
+        connection: Option<&Connection>,
         authorizer: &Authorizer,
     ) -> Result<Caller, ProxyError> {
-        let (authenticated, via) = self.authenticate(headers, certificates).await?;
+        let (authenticated, via) = self.authenticate(headers, connection).await?;
         let impersonated = impersonation(headers)?;
         let user = match impersonated {
             None => authenticated,
@@ -252,7 +316,10 @@ impl Authenticator {
         let upstream = match (self.forward, via) {
             (
                 ForwardMode::Passthrough,
-                AuthnSource::TokenReview | AuthnSource::Cache | AuthnSource::Anonymous,
+                AuthnSource::TokenReview
+                | AuthnSource::Cache
+                | AuthnSource::Connection
+                | AuthnSource::Anonymous,
             ) => UpstreamAs::Client,
             _ => UpstreamAs::Impersonate(user.clone()),
         };
@@ -267,22 +334,31 @@ impl Authenticator {
     async fn authenticate(
         &self,
         headers: &HeaderMap,
-        certificates: Option<&PeerCertificates>,
+        connection: Option<&Connection>,
     ) -> Result<(Arc<UserInfo>, AuthnSource), ProxyError> {
         let started = Instant::now();
         // The API server's chain tries client certificates before tokens.
-        if let Some(user) = certificates.and_then(|c| c.0.first()).and_then(certificate_user) {
-            self.metrics.record(true, "certificate", started);
-            return Ok((Arc::new(user), AuthnSource::Certificate));
+        if let Some(user) = connection.and_then(Connection::certificate_user) {
+            self.metrics
+                .record(true, AuthnSource::Certificate.as_str(), started);
+            return Ok((user, AuthnSource::Certificate));
         }
         match bearer_token(headers) {
             Some(token) => {
+                let authorization = headers
+                    .get(header::AUTHORIZATION)
+                    .expect("invariant: a bearer token comes from the Authorization header");
+                if let Some(user) = connection.and_then(|c| c.remembered(authorization)) {
+                    self.metrics
+                        .record(true, AuthnSource::Connection.as_str(), started);
+                    return Ok((user, AuthnSource::Connection));
+                }
                 let key = sha256(token.as_bytes());
                 let token = token.to_string();
                 let entry = self
                     .tokens
                     .entry(key)
-                    .or_try_insert_with(token_review(&self.upstream, token))
+                    .or_try_insert_with(token_review(&self.upstream, token, self.token_ttl))
                     .await
                     .map_err(|error| ProxyError::Review(error.to_string()))?;
                 let source = if entry.is_fresh() {
@@ -291,7 +367,10 @@ impl Authenticator {
                     AuthnSource::Cache
                 };
                 match entry.into_value() {
-                    TokenOutcome::Authenticated(user) => {
+                    TokenOutcome::Authenticated { user, until } => {
+                        if let Some(connection) = connection {
+                            connection.remember(authorization, &user, until);
+                        }
                         self.metrics.record(true, source.as_str(), started);
                         Ok((user, source))
                     }
@@ -395,7 +474,8 @@ struct ReviewedUser {
 }
 
 /// Asks the API server who a token belongs to.
-async fn token_review(upstream: &Upstream, token: String) -> Result<TokenOutcome, ProxyError> {
+async fn token_review(upstream: &Upstream, token: String, ttl: Duration) -> Result<TokenOutcome, ProxyError> {
+    let reviewed = Instant::now();
     let request = TokenReviewRequest {
         api_version: "authentication.k8s.io/v1",
         kind: "TokenReview",
@@ -413,12 +493,15 @@ async fn token_review(upstream: &Upstream, token: String) -> Result<TokenOutcome
     }
     let mut groups = status.user.groups;
     add_authenticated(&mut groups);
-    Ok(TokenOutcome::Authenticated(Arc::new(UserInfo {
-        name: status.user.username,
-        uid: status.user.uid,
-        groups,
-        extra: status.user.extra,
-    })))
+    Ok(TokenOutcome::Authenticated {
+        user: Arc::new(UserInfo {
+            name: status.user.username,
+            uid: status.user.uid,
+            groups,
+            extra: status.user.extra,
+        }),
+        until: reviewed + ttl,
+    })
 }
 
 /// The impersonation a request asks for: the checks to make, in the API
@@ -716,6 +799,28 @@ mod tests {
         let user = certificate_user(cert.der()).expect("a user");
         assert_eq!(user.name, "carol");
         assert_eq!(user.groups, ["devs", ALL_AUTHENTICATED]);
+    }
+
+    #[test]
+    fn a_connection_remembers_its_last_token_until_its_review_expires() {
+        let connection = Connection::new(None);
+        let alice = Arc::new(UserInfo {
+            name: "alice".into(),
+            ..UserInfo::default()
+        });
+        let token = HeaderValue::from_static("Bearer a");
+        assert!(connection.remembered(&token).is_none());
+        connection.remember(&token, &alice, Instant::now() + Duration::from_secs(60));
+        assert_eq!(connection.remembered(&token), Some(alice.clone()));
+        assert!(connection
+            .remembered(&HeaderValue::from_static("Bearer b"))
+            .is_none());
+        assert!(connection
+            .remembered(&HeaderValue::from_static("Bearer a "))
+            .is_none());
+        connection.remember(&token, &alice, Instant::now());
+        assert!(connection.remembered(&token).is_none(), "expired");
+        assert!(connection.certificate_user().is_none());
     }
 
     #[test]

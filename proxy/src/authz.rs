@@ -136,9 +136,11 @@ impl Authorizer {
         };
         let key = (user.clone(), attributes.clone());
         if let Some((decision, asked_at)) = self.reviews.get(&key).await {
-            if decision.allowed && asked_at != generation {
-                self.reviews.invalidate(&key).await;
+            if !decision.allowed || asked_at == generation {
+                self.metrics.record(&decision, DecisionSource::Cache, started);
+                return Ok(decision);
             }
+            self.reviews.invalidate(&key).await;
         }
         let entry = self
             .reviews

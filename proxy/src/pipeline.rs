@@ -27,13 +27,14 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use hyper::body::Incoming;
 use kache_cache::discovery::{self, Discovery};
+use kache_cache::reads::{Bypass, ReadPlan};
 use kache_cache::resources::{Answer, Cache};
 use kache_cache::RequestInfo;
 use kache_config::ClientKeyConfig;
 use tracing::{field, Instrument};
 
 use crate::admit::{ClientKey, Demand, Limiter, Permit};
-use crate::authn::{Authenticator, Caller, PeerCertificates, UpstreamAs};
+use crate::authn::{Authenticator, Caller, Connection, UpstreamAs};
 use crate::authz::Authorizer;
 use crate::body::{Body, BoxError};
 use crate::coalesce::{self, Coalescer};
@@ -154,7 +155,13 @@ impl Pipeline {
         // route: discovery and cacheable reads from memory (authorized for
         // the caller first), identical reads coalesced, everything else to
         // the upstream.
-        let memory = match self.authorize_memory(&caller, &request, &info).await {
+        let plan = (info.is_resource_request && info.verb().is_read())
+            .then(|| self.cache.plan(&info, request.uri().query(), request.headers()));
+        let from_memory = match &plan {
+            Some(plan) => plan.is_ok(),
+            None => discovery::classify_path(request.uri().path()).is_some(),
+        };
+        let memory = match self.authorize_memory(&caller, &request, &info, from_memory).await {
             ControlFlow::Break(response) => return (verb, "rejected", response),
             ControlFlow::Continue(memory) => memory,
         };
@@ -163,7 +170,7 @@ impl Pipeline {
                 ControlFlow::Break(response) => return (verb, "discovery", response),
                 ControlFlow::Continue(request) => request,
             };
-            match self.route_cache(request, &info).await {
+            match self.route_cache(request, &info, plan).await {
                 ControlFlow::Break(response) => return (verb, "cache", response),
                 ControlFlow::Continue(request) => request,
             }
@@ -232,15 +239,12 @@ impl Pipeline {
         &self,
         request: Request<Incoming>,
         info: &RequestInfo,
+        plan: Option<Result<ReadPlan, Bypass>>,
     ) -> ControlFlow<Response<Body>, Request<Incoming>> {
-        if !info.is_resource_request || !info.verb().is_read() {
+        let Some(plan) = plan else {
             return ControlFlow::Continue(request);
-        }
-        match self
-            .cache
-            .serve(info, request.uri().query(), request.headers())
-            .await
-        {
+        };
+        match self.cache.serve_plan(info, plan).await {
             Ok(Answer::Full(response)) => ControlFlow::Break(response.map(crate::body::full)),
             Ok(Answer::Stream(response)) => ControlFlow::Break(response.map(|stream| {
                 let frames = stream
@@ -288,10 +292,10 @@ impl Pipeline {
                 .check(request)
                 .map(|()| Caller::local(request.headers())),
             Some(shared) => {
-                let certificates = request.extensions().get::<PeerCertificates>();
+                let connection = request.extensions().get::<Arc<Connection>>().map(Arc::as_ref);
                 shared
                     .authenticator
-                    .identify(request.headers(), certificates, &shared.authorizer)
+                    .identify(request.headers(), connection, &shared.authorizer)
                     .await
             }
         };
@@ -309,6 +313,7 @@ impl Pipeline {
         caller: &Caller,
         request: &Request<Incoming>,
         info: &RequestInfo,
+        from_memory: bool,
     ) -> ControlFlow<Response<Body>, bool> {
         if !caller.memory {
             return ControlFlow::Continue(false);
@@ -319,16 +324,10 @@ impl Pipeline {
         let Some(user) = &caller.user else {
             return ControlFlow::Continue(false);
         };
-        let uri = request.uri();
-        let from_memory = if info.is_resource_request {
-            self.cache.would_answer(info, uri.query(), request.headers())
-        } else {
-            discovery::classify_path(uri.path()).is_some()
-        };
         if !from_memory {
             return ControlFlow::Continue(false);
         }
-        let attributes = kache_cache::rbac::Attributes::from_request(info, uri.path());
+        let attributes = kache_cache::rbac::Attributes::from_request(info, request.uri().path());
         match shared.authorizer.authorize(user, &attributes).await {
             Ok(decision) if decision.allowed => ControlFlow::Continue(true),
             Ok(decision) => ControlFlow::Break(self.fail(&ProxyError::Forbidden(Box::new(Denied {

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::authn::PeerCertificates;
+use crate::authn::Connection;
 use crate::body::Body;
 
 /// A client that has not finished its TLS handshake by then is dropped.
@@ -85,32 +85,34 @@ pub async fn serve<H, F>(
         let span = tracing::debug_span!("connection", listener = settings.name, client = %peer);
         tokio::spawn(
             async move {
-                // The verified client certificates of a TLS connection go
-                // with each of its requests, for the identify stage.
-                let service = |certificates: Option<PeerCertificates>| {
+                // What the connection shows of its identity (verified client
+                // certificates, the last token) goes with each of its requests.
+                let service = |connection: Arc<Connection>| {
                     service_fn(move |mut request: Request<Incoming>| {
-                        if let Some(certificates) = &certificates {
-                            request.extensions_mut().insert(certificates.clone());
-                        }
+                        request.extensions_mut().insert(connection.clone());
                         let response = handler(peer, request);
                         async move { Ok::<_, std::convert::Infallible>(response.await) }
                     })
                 };
                 match settings.tls {
-                    None => serve_io(&builder, shutdown, stream, service(None)).await,
+                    None => {
+                        serve_io(
+                            &builder,
+                            shutdown,
+                            stream,
+                            service(Arc::new(Connection::new(None))),
+                        )
+                        .await
+                    }
                     Some(acceptor) => {
                         if let Some(tls) = tls_accept(&acceptor, stream).await {
                             let certificates = tls
                                 .get_ref()
                                 .1
                                 .peer_certificates()
-                                .filter(|chain| !chain.is_empty())
-                                .map(|chain| {
-                                    PeerCertificates(Arc::new(
-                                        chain.iter().map(|c| c.clone().into_owned()).collect(),
-                                    ))
-                                });
-                            serve_io(&builder, shutdown, tls, service(certificates)).await
+                                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+                            let connection = Arc::new(Connection::new(certificates));
+                            serve_io(&builder, shutdown, tls, service(connection)).await
                         }
                     }
                 }
