@@ -10,12 +10,15 @@
 //!   upstream request count from the API server's audit log.
 //! - `procs`: runs a command N times (all at once, or one after the other),
 //!   e.g. kubectl, with per-run wall time and the audit-log count.
+//! - `authz-setup`, `authz-load`: the authorization-overhead benchmark
+//!   (`benches/e2e/authz.sh`, see `authz.rs`): users with their own tokens in
+//!   closed loops, and the upstream reviews they cost.
 //!
 //! Only loopback URLs are accepted. Bearer tokens come from `BENCH_TOKEN`, never
 //! the command line.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Seek, SeekFrom};
+use std::io::{BufRead, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,6 +36,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
+mod authz;
+
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Parser)]
@@ -49,6 +54,8 @@ enum Command {
     Load(Load),
     Burst(Burst),
     Procs(Procs),
+    AuthzSetup(authz::AuthzSetup),
+    AuthzLoad(authz::AuthzLoad),
 }
 
 /// Where to send requests.
@@ -172,6 +179,8 @@ fn main() -> Result<()> {
             Command::Load(c) => load(c).await,
             Command::Burst(c) => burst(c).await,
             Command::Procs(c) => procs(c).await,
+            Command::AuthzSetup(c) => authz::authz_setup(c).await,
+            Command::AuthzLoad(c) => authz::authz_load(c).await,
         }
     })?;
     println!("{}", serde_json::to_string(&out)?);
@@ -771,29 +780,105 @@ async fn kache_outcomes(client: &Http, url: &str) -> Result<BTreeMap<String, f64
 
 // ---------------------------------------------------------------- audit log
 
-/// The audit log's current length: requests are counted from here.
-fn audit_mark(log: &Path) -> Result<u64> {
-    Ok(std::fs::metadata(log)
-        .with_context(|| format!("audit log {}", log.display()))?
-        .len())
+/// A place in the audit log that survives its rotation (the API server's
+/// lumberjack renames `audit.log` to `audit-<time>.log` at 100 MB, even with
+/// `--audit-log-maxsize=0`): the file, by inode, and a byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AuditPos {
+    ino: u64,
+    offset: u64,
+}
+
+/// The audit log's current end: requests are counted from here.
+fn audit_mark(log: &Path) -> Result<AuditPos> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(log).with_context(|| format!("audit log {}", log.display()))?;
+    Ok(AuditPos {
+        ino: meta.ino(),
+        offset: meta.len(),
+    })
+}
+
+/// The audit log's files, oldest first: those it was rotated to
+/// (`<stem>-<time>.<ext>`, names that sort by time), then the log itself.
+fn audit_files(log: &Path) -> Result<Vec<(PathBuf, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = log.parent().unwrap_or_else(|| Path::new("."));
+    let (stem, ext) = (
+        log.file_stem().and_then(|s| s.to_str()).unwrap_or_default(),
+        log.extension().and_then(|s| s.to_str()).unwrap_or_default(),
+    );
+    let mut rotated = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("{stem}-")) && name.ends_with(&format!(".{ext}")) {
+            rotated.push((entry.path(), entry.metadata()?.ino()));
+        }
+    }
+    rotated.sort();
+    let current = std::fs::metadata(log).with_context(|| format!("audit log {}", log.display()))?;
+    rotated.push((log.to_path_buf(), current.ino()));
+    Ok(rotated)
+}
+
+/// Calls `f(line, start, end)` for each complete line of the audit log from
+/// `from`, across rotations, until `f` returns `true` or the lines end.
+/// Returns where the next read starts (after the last line handed to `f`).
+fn audit_scan(
+    log: &Path,
+    from: AuditPos,
+    mut f: impl FnMut(&str, AuditPos, AuditPos) -> bool,
+) -> Result<AuditPos> {
+    let files = audit_files(log)?;
+    let first = files
+        .iter()
+        .position(|(_, ino)| *ino == from.ino)
+        .with_context(|| {
+            format!(
+                "the audit log file of the mark is gone (rotated away from {})",
+                log.display()
+            )
+        })?;
+    let mut pos = from;
+    for (i, (path, ino)) in files.iter().enumerate().skip(first) {
+        if i > first {
+            pos = AuditPos { ino: *ino, offset: 0 };
+        }
+        let mut file = std::fs::File::open(path).with_context(|| format!("audit log {}", path.display()))?;
+        file.seek(SeekFrom::Start(pos.offset))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                break; // the end, or a line still being written: read again later
+            }
+            let start = pos;
+            pos.offset += n as u64;
+            if f(&String::from_utf8_lossy(&line), start, pos) {
+                return Ok(pos);
+            }
+        }
+    }
+    Ok(pos)
 }
 
 /// Finished requests (`ResponseComplete`) after `mark`, by category; waits
 /// until the count is stable for a second (the line is written after the
 /// response), at most 20 s.
-async fn audit_count(log: &Path, mark: u64) -> Result<Value> {
+async fn audit_count(log: &Path, mark: AuditPos) -> Result<Value> {
     let read = || -> Result<Vec<Value>> {
-        let mut file = std::fs::File::open(log)?;
-        file.seek(SeekFrom::Start(mark))?;
         let mut lines = Vec::new();
-        for line in std::io::BufReader::new(file.take(u64::MAX)).lines() {
-            let line = line?;
+        audit_scan(log, mark, |line, _, _| {
             if line.contains("\"stage\":\"ResponseComplete\"") {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if let Ok(v) = serde_json::from_str::<Value>(line) {
                     lines.push(v);
                 }
             }
-        }
+            false
+        })?;
         Ok(lines)
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -810,26 +895,31 @@ async fn audit_count(log: &Path, mark: u64) -> Result<Value> {
     let lines = read()?;
     let mut by_kind = BTreeMap::<String, usize>::new();
     for line in &lines {
-        let verb = line["verb"].as_str().unwrap_or("");
-        let uri = line["requestURI"].as_str().unwrap_or("");
-        let path = uri.split('?').next().unwrap_or("");
-        let kind = if path == "/version" {
-            "version".to_string()
-        } else if path.starts_with("/openapi") {
-            "openapi".to_string()
-        } else if is_discovery(path) {
-            "discovery".to_string()
-        } else if matches!(
-            verb,
-            "list" | "get" | "watch" | "create" | "update" | "patch" | "delete"
-        ) {
-            format!("{verb} {}", resource_of(path))
-        } else {
-            "other".to_string()
-        };
-        *by_kind.entry(kind).or_default() += 1;
+        *by_kind.entry(audit_kind(line)).or_default() += 1;
     }
     Ok(json!({"total": lines.len(), "byKind": by_kind}))
+}
+
+/// What an audit line's request was: `version`, `openapi`, `discovery`,
+/// `<verb> <resource>` (`list pods`, `create tokenreviews`), else `other`.
+fn audit_kind(line: &Value) -> String {
+    let verb = line["verb"].as_str().unwrap_or("");
+    let uri = line["requestURI"].as_str().unwrap_or("");
+    let path = uri.split('?').next().unwrap_or("");
+    if path == "/version" {
+        "version".to_string()
+    } else if path.starts_with("/openapi") {
+        "openapi".to_string()
+    } else if is_discovery(path) {
+        "discovery".to_string()
+    } else if matches!(
+        verb,
+        "list" | "get" | "watch" | "create" | "update" | "patch" | "delete"
+    ) {
+        format!("{verb} {}", resource_of(path))
+    } else {
+        "other".to_string()
+    }
 }
 
 /// `/api`, `/api/v1`, `/apis`, `/apis/<group>`, `/apis/<group>/<version>`.
@@ -1017,4 +1107,42 @@ async fn procs(c: Procs) -> Result<Value> {
         "latency": latency_summary(latencies),
         "upstream": upstream,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_from(log: &Path, from: AuditPos) -> (Vec<String>, AuditPos) {
+        let mut lines = Vec::new();
+        let end = audit_scan(log, from, |line, _, _| {
+            lines.push(line.trim_end().to_string());
+            false
+        })
+        .unwrap();
+        (lines, end)
+    }
+
+    #[test]
+    fn audit_scan_follows_the_log_across_a_rotation_and_skips_a_partial_line() {
+        let dir = std::env::temp_dir().join(format!("kache-e2e-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("audit.log");
+        std::fs::write(&log, "a\nb\n").unwrap();
+        let mark = AuditPos {
+            ino: audit_mark(&log).unwrap().ino,
+            offset: 2,
+        };
+        // Rotated as lumberjack does: renamed with a timestamp, a new file in its place.
+        std::fs::write(&log, "a\nb\nc\n").unwrap();
+        std::fs::rename(&log, dir.join("audit-2026-11-29T21-55-49.976.log")).unwrap();
+        std::fs::write(&log, "d\ne").unwrap();
+        let (lines, end) = lines_from(&log, mark);
+        assert_eq!(lines, ["b", "c", "d"]);
+        assert_eq!(end.ino, audit_mark(&log).unwrap().ino);
+        assert_eq!(end.offset, 2, "the unfinished line is read next time");
+        let (lines, _) = lines_from(&log, audit_mark(&log).unwrap());
+        assert!(lines.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
