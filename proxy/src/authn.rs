@@ -207,9 +207,13 @@ impl AuthnMetrics {
     pub fn register(registry: &mut Registry) -> AuthnMetrics {
         AuthnMetrics(DecisionMetrics::register(
             registry,
-            "authentication_attempts",
-            "Authentication results (success, failure) by source (certificate, tokenreview, cache, connection, anonymous, none)",
+            (
+                "authentication_attempts",
+                "Authentication results (success, failure) by source (certificate, tokenreview, cache, connection, anonymous, none)",
+            ),
             "authentication_duration_seconds",
+            &["success", "failure"],
+            &["certificate", "tokenreview", "cache", "connection", "anonymous", "none"],
         ))
     }
 

@@ -64,9 +64,13 @@ impl AuthzMetrics {
     pub fn register(registry: &mut Registry) -> AuthzMetrics {
         AuthzMetrics(DecisionMetrics::register(
             registry,
-            "authorization_decisions",
-            "Authorization decisions for answers from memory, by result (allowed, denied) and source (rbac, sar, cache)",
+            (
+                "authorization_decisions",
+                "Authorization decisions for answers from memory, by result (allowed, denied) and source (rbac, sar, cache)",
+            ),
             "authorization_duration_seconds",
+            &["allowed", "denied"],
+            &["rbac", "sar", "cache"],
         ))
     }
 

@@ -36,38 +36,70 @@ struct SourceLabels {
 }
 
 /// The outcomes of one kind of check (authentication, authorization) by
-/// result and source, and the time each took.
+/// result and source, and the time each took. Every series is made at
+/// registration (so dashboards see zeros, not gaps) and recording is a
+/// lookup in a short table: this runs on every request of shared mode.
 #[derive(Clone)]
 pub struct DecisionMetrics {
-    results: Family<DecisionLabels, Counter>,
-    duration: Family<SourceLabels, Histogram>,
+    results: Vec<((&'static str, &'static str), Counter)>,
+    durations: Vec<(&'static str, Histogram)>,
 }
 
 impl DecisionMetrics {
     /// Registers `<name>_total` (by `result` and `source`) and
-    /// `<duration_name>_seconds` (by `source`).
-    pub fn register(registry: &mut Registry, name: &str, help: &str, duration_name: &str) -> DecisionMetrics {
-        let metrics = DecisionMetrics {
-            results: Family::default(),
-            // 1 µs … ~4 s: a cached decision takes microseconds, a review milliseconds.
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 4.0, 12))),
-        };
-        registry.register(name, help, metrics.results.clone());
+    /// `<duration_name>` (by `source`), for these results and sources.
+    pub fn register(
+        registry: &mut Registry,
+        (name, help): (&str, &str),
+        duration_name: &str,
+        results: &[&'static str],
+        sources: &[&'static str],
+    ) -> DecisionMetrics {
+        let counters = Family::<DecisionLabels, Counter>::default();
+        // 1 µs … ~4 s: a remembered decision takes microseconds, a review milliseconds.
+        let histograms = Family::<SourceLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1e-6, 4.0, 12))
+        });
+        registry.register(name, help, counters.clone());
         registry.register(
             duration_name,
             format!("Time to the decision counted in kache_{name}_total, by source"),
-            metrics.duration.clone(),
+            histograms.clone(),
         );
-        metrics
+        let results = results
+            .iter()
+            .flat_map(|&result| sources.iter().map(move |&source| (result, source)))
+            .map(|(result, source)| {
+                let counter = counters.get_or_create(&DecisionLabels { result, source }).clone();
+                ((result, source), counter)
+            })
+            .collect();
+        let durations = sources
+            .iter()
+            .map(|&source| (source, histograms.get_or_create(&SourceLabels { source }).clone()))
+            .collect();
+        DecisionMetrics { results, durations }
     }
 
+    /// Counts a decision and the time since `started`.
+    ///
+    /// # Panics
+    /// Never for a result and source given at registration; others are
+    /// not counted (and fail debug builds).
     pub fn record(&self, result: &'static str, source: &'static str, started: std::time::Instant) {
-        self.results
-            .get_or_create(&DecisionLabels { result, source })
-            .inc();
-        self.duration
-            .get_or_create(&SourceLabels { source })
-            .observe(started.elapsed().as_secs_f64());
+        match self
+            .results
+            .iter()
+            .find(|((r, s), _)| *r == result && *s == source)
+        {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => debug_assert!(false, "unregistered decision {result}/{source}"),
+        }
+        if let Some((_, histogram)) = self.durations.iter().find(|(s, _)| *s == source) {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
     }
 }
 
