@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub access_token_file: Option<PathBuf>,
     pub accept_hosts: Option<Vec<String>>,
     pub max_header_bytes: Option<usize>,
+    pub max_request_body_bytes: Option<u64>,
+    pub max_connections: Option<usize>,
     pub header_read_timeout_seconds: Option<u64>,
     #[serde(default)]
     pub tls: FileTls,

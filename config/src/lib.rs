@@ -41,6 +41,14 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 /// The API server's own limit on request headers (Go's `http.Server.MaxHeaderBytes`
 /// as set by the generic API server): 1 MiB.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 1 << 20;
+/// The API server's own limit on a write's request body
+/// (`MaxRequestBodyBytes` of the generic API server): 3 MiB. Larger bodies
+/// get its `413` without reaching it.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 3 * 1024 * 1024;
+/// Open client connections at most; past it, kache stops accepting until
+/// one closes (new ones wait in the kernel's backlog). Each costs a file
+/// descriptor: raise `ulimit -n` to match.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// A client that has not sent its full request head by then is disconnected,
 /// so slow or stuck clients cannot pin connections forever.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,6 +177,10 @@ pub struct ListenerConfig {
     pub tls: Option<TlsConfig>,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Request bodies of resource writes over this get `413`.
+    pub max_request_body_bytes: u64,
+    /// Client connections open at once.
+    pub max_connections: usize,
     /// `Host` header names accepted; `*` accepts any.
     pub accept_hosts: Vec<String>,
     /// When set, clients must present `Authorization: Bearer <token>`.
@@ -313,6 +325,13 @@ impl Config {
                 "maxHeaderBytes {max_header_bytes} is below the minimum of 8192"
             ));
         }
+        let max_request_body_bytes = file
+            .max_request_body_bytes
+            .unwrap_or(DEFAULT_MAX_REQUEST_BODY_BYTES);
+        let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            errors.push("maxConnections must be at least 1".into());
+        }
         let secs = |v: Option<u64>, default: Duration| v.map(Duration::from_secs).unwrap_or(default);
         let header_read_timeout = secs(file.header_read_timeout_seconds, DEFAULT_HEADER_READ_TIMEOUT);
         let timeout = secs(file.upstream.timeout_seconds, DEFAULT_UPSTREAM_TIMEOUT);
@@ -395,6 +414,8 @@ impl Config {
                         tls,
                         header_read_timeout,
                         max_header_bytes,
+                        max_request_body_bytes,
+                        max_connections,
                         accept_hosts,
                         access_token,
                     },

@@ -32,3 +32,129 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// Why a client's request body could not be sent on: the client's fault,
+/// so the client gets a `4xx`, not the `502` of a broken upstream exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// More bytes than the API server accepts for a write: its own `413` text.
+    #[error("Request entity too large: limit is {0}")]
+    TooLarge(u64),
+    /// The body ended early or was malformed (bad chunked encoding, a reset).
+    #[error("the request body could not be read: {0}")]
+    Broken(BoxError),
+}
+
+pin_project_lite::pin_project! {
+    /// A client's request body on its way upstream: counted against a limit,
+    /// its failures marked as the client's.
+    pub struct ClientBody<B> {
+        #[pin]
+        inner: B,
+        limit: Option<u64>,
+        seen: u64,
+    }
+}
+
+impl<B> ClientBody<B> {
+    pub fn new(inner: B, limit: Option<u64>) -> ClientBody<B> {
+        ClientBody {
+            inner,
+            limit,
+            seen: 0,
+        }
+    }
+}
+
+impl<B> http_body::Body for ClientBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, ClientBodyError>>> {
+        let this = self.project();
+        match std::task::ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if let Some(limit) = *this.limit {
+                        if *this.seen > limit {
+                            return std::task::Poll::Ready(Some(Err(ClientBodyError::TooLarge(limit))));
+                        }
+                    }
+                }
+                std::task::Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(error)) => std::task::Poll::Ready(Some(Err(ClientBodyError::Broken(error.into())))),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client-body failure somewhere in an error's chain of sources, if any.
+pub fn client_body_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<ClientBodyError>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_fails_as_too_large_and_one_within_passes() {
+        let chunks = || {
+            futures::stream::iter(
+                ["12345", "67890"].map(|c| Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(c)))),
+            )
+        };
+        let within = ClientBody::new(http_body_util::StreamBody::new(chunks()), Some(10));
+        assert_eq!(within.collect().await.expect("within").to_bytes(), "1234567890");
+        let over = ClientBody::new(http_body_util::StreamBody::new(chunks()), Some(9));
+        let error = over.collect().await.expect_err("over");
+        assert!(matches!(error, ClientBodyError::TooLarge(9)), "{error}");
+        assert_eq!(error.to_string(), "Request entity too large: limit is 9");
+    }
+
+    #[tokio::test]
+    async fn a_broken_body_is_the_clients_fault_and_found_in_an_error_chain() {
+        let broken = futures::stream::iter([
+            Ok(http_body::Frame::data(Bytes::from("{"))),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "early eof",
+            )),
+        ]);
+        let error = ClientBody::new(http_body_util::StreamBody::new(broken), None)
+            .collect()
+            .await
+            .expect_err("broken");
+        assert!(matches!(error, ClientBodyError::Broken(_)), "{error}");
+        #[derive(Debug, thiserror::Error)]
+        #[error("wrapper")]
+        struct Wrapper(#[source] ClientBodyError);
+        let wrapped = Wrapper(error);
+        assert!(client_body_error(&wrapped).is_some());
+        assert!(client_body_error(&std::io::Error::other("unrelated")).is_none());
+    }
+}

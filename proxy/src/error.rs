@@ -40,6 +40,9 @@ pub enum ProxyError {
     Review(String),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A write's body over the API server's limit.
+    #[error("Request entity too large: limit is {0}")]
+    TooLarge(u64),
     /// The admit stage's concurrency limits said no (a queue was full, a wait
     /// timed out, too many long-running requests).
     #[error("too many requests, please try again later: {reason} (priority class {class:?})")]
@@ -95,6 +98,7 @@ impl ProxyError {
             | ProxyError::Unauthenticated
             | ProxyError::Forbidden(_)
             | ProxyError::BadRequest(_)
+            | ProxyError::TooLarge(_)
             | ProxyError::TooManyRequests { .. } => ErrorSource::Downstream,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
@@ -110,6 +114,7 @@ impl ProxyError {
             ProxyError::Unauthorized | ProxyError::Unauthenticated => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamCredentials(_)
@@ -129,6 +134,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "forbidden",
             ProxyError::Review(_) => "review_failed",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::TooLarge(_) => "request_too_large",
             ProxyError::TooManyRequests { .. } => "too_many_requests",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
@@ -191,6 +197,7 @@ mod tests {
             (ProxyError::Unauthenticated, 401),
             (ProxyError::Review("x".into()), 503),
             (ProxyError::BadRequest("x".into()), 400),
+            (ProxyError::TooLarge(3), 413),
             (too_many(RejectReason::QueueFull, 1), 429),
             (ProxyError::UpstreamUnreachable(io()), 503),
             (ProxyError::UpstreamCredentials(io()), 503),

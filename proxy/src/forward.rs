@@ -83,8 +83,14 @@ fn strip_front_proxy_identity(headers: &mut HeaderMap) {
     }
 }
 
-/// The request kache sends upstream for a client's request, made as `who`.
-pub fn upstream_request<B>(request: Request<B>, upgrade: bool, who: &UpstreamAs) -> Request<Body>
+/// The request kache sends upstream for a client's request, made as `who`;
+/// a body over `body_limit` bytes fails the exchange as the client's `413`.
+pub fn upstream_request<B>(
+    request: Request<B>,
+    upgrade: bool,
+    who: &UpstreamAs,
+    body_limit: Option<u64>,
+) -> Request<Body>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<crate::body::BoxError>,
@@ -130,7 +136,7 @@ where
     // The upstream connection negotiates its own version.
     parts.version = Version::HTTP_11;
     parts.extensions = http::Extensions::new();
-    Request::from_parts(parts, body::stream(incoming))
+    Request::from_parts(parts, body::stream(body::ClientBody::new(incoming, body_limit)))
 }
 
 /// The response the client gets for the upstream's response.
@@ -140,6 +146,15 @@ pub fn client_response(response: Response<Incoming>) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers, switching);
     parts.extensions = http::Extensions::new();
     Response::from_parts(parts, body::stream(incoming))
+}
+
+/// How a forwarded exchange is bounded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Watch, logs, exec, proxy: no timeout on the response head.
+    pub long_running: bool,
+    /// Bytes of request body the API server accepts (its `413` above).
+    pub body: Option<u64>,
 }
 
 /// Forwards a request and streams the answer back. The admission permit
@@ -152,9 +167,13 @@ pub async fn forward(
     upstream: &Upstream,
     mut request: Request<Incoming>,
     who: &UpstreamAs,
-    long_running: bool,
+    limits: Limits,
     permit: Option<Permit>,
 ) -> Result<Response<Body>, ProxyError> {
+    let Limits {
+        long_running,
+        body: body_limit,
+    } = limits;
     let hold = |response: Response<Body>, permit: Option<Permit>| match permit {
         Some(permit) => response.map(|body| permit.attach(body)),
         None => response,
@@ -166,14 +185,14 @@ pub async fn forward(
             Exchange::Short
         };
         let response = upstream
-            .send(upstream_request(request, false, who), exchange)
+            .send(upstream_request(request, false, who, body_limit), exchange)
             .await?;
         return Ok(hold(client_response(response), permit));
     }
 
     let client_upgrade = hyper::upgrade::on(&mut request);
     let mut response = upstream
-        .send(upstream_request(request, true, who), Exchange::Upgrade)
+        .send(upstream_request(request, true, who, None), Exchange::Upgrade)
         .await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(hold(client_response(response), permit));
@@ -247,7 +266,7 @@ pub(crate) mod tests {
             .header("impersonate-user", "alice")
             .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
             .expect("request");
-        let sent = upstream_request(request, false, &UpstreamAs::Kubeconfig);
+        let sent = upstream_request(request, false, &UpstreamAs::Kubeconfig, None);
         assert_eq!(
             sent.uri(),
             "/api/v1/namespaces/a/pods?dryRun=All&fieldManager=x%2Fy"
@@ -283,13 +302,14 @@ pub(crate) mod tests {
             request(),
             false,
             &UpstreamAs::Impersonate(std::sync::Arc::new(alice)),
+            None,
         );
         assert!(!sent.headers().contains_key(header::AUTHORIZATION));
         assert_eq!(sent.headers()["impersonate-user"], "alice");
         let groups: Vec<_> = sent.headers().get_all("impersonate-group").iter().collect();
         assert_eq!(groups, ["system:authenticated"]);
 
-        let sent = upstream_request(request(), false, &UpstreamAs::Client);
+        let sent = upstream_request(request(), false, &UpstreamAs::Client, None);
         assert_eq!(sent.headers()[header::AUTHORIZATION], "Bearer client-token");
         assert_eq!(sent.headers()["impersonate-user"], "admin");
     }
@@ -305,7 +325,7 @@ pub(crate) mod tests {
                 .header("x-request-id", "kept")
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
                 .expect("request");
-            let sent = upstream_request(request, false, &who);
+            let sent = upstream_request(request, false, &who, None);
             let names: Vec<_> = sent.headers().keys().map(|k| k.as_str()).collect();
             assert_eq!(names, ["x-request-id"], "{who:?}");
         }

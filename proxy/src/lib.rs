@@ -185,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         coalescer: Coalescer::new(coalesce_metrics),
         upstream: upstream.clone(),
         metrics: metrics.clone(),
+        max_request_body_bytes: config.listener.max_request_body_bytes,
     }));
     let main = server::serve(
         listener,
@@ -193,6 +194,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tls,
             header_read_timeout: config.listener.header_read_timeout,
             max_header_bytes: config.listener.max_header_bytes,
+            max_connections: config.listener.max_connections,
         },
         move |peer, request| pipeline.clone().handle(peer, request),
         shutdown_rx.clone(),
@@ -210,6 +212,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tls: None,
             header_read_timeout: config.listener.header_read_timeout,
             max_header_bytes: kache_config::DEFAULT_MAX_HEADER_BYTES,
+            // Probes and scrapes: few, but never starved by the main listener.
+            max_connections: 64,
         },
         move |_peer, request| {
             let response = admin::handle(&admin_state, &request);

@@ -29,7 +29,7 @@ use hyper::body::Incoming;
 use kache_cache::discovery::{self, Discovery};
 use kache_cache::reads::{Bypass, ReadPlan};
 use kache_cache::resources::{Answer, Cache};
-use kache_cache::RequestInfo;
+use kache_cache::{RequestInfo, Verb};
 use kache_config::ClientKeyConfig;
 use tracing::{field, Instrument};
 
@@ -55,6 +55,7 @@ pub struct Pipeline {
     coalescer: Coalescer,
     upstream: Upstream,
     metrics: Arc<Metrics>,
+    max_request_body_bytes: u64,
 }
 
 /// Shared mode's identify and authorize stages, and the connection that
@@ -78,6 +79,8 @@ pub struct Stages {
     pub coalescer: Coalescer,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    /// The API server's limit on a write's body (`413` above it).
+    pub max_request_body_bytes: u64,
 }
 
 impl Pipeline {
@@ -92,6 +95,7 @@ impl Pipeline {
             coalescer,
             upstream,
             metrics,
+            max_request_body_bytes,
         } = stages;
         Pipeline {
             guard,
@@ -103,6 +107,7 @@ impl Pipeline {
             coalescer,
             upstream,
             metrics,
+            max_request_body_bytes,
         }
     }
 
@@ -177,6 +182,17 @@ impl Pipeline {
         } else {
             request
         };
+        // A write's body over the API server's limit: its 413, without asking it.
+        let body_limit = self.body_limit(&info);
+        if let Some(limit) = body_limit {
+            let declared = request
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|length| length > limit) {
+                return (verb, "rejected", self.fail(&ProxyError::TooLarge(limit)));
+            }
+        }
         // admit + respond: what reaches the upstream takes a seat of the
         // client's class (coalesced reads: one seat per upstream call, taken
         // by the call); the answer streams back, kache's failures as Status.
@@ -186,7 +202,10 @@ impl Pipeline {
             user,
             headers: request.headers().clone(),
             path: request.uri().path().to_string(),
-            long_running: info.is_long_running(),
+            limits: forward::Limits {
+                long_running: info.is_long_running(),
+                body: body_limit,
+            },
         };
         // The caller's own credentials go over a connection without kache's.
         let upstream = match (&caller.upstream, &self.shared) {
@@ -201,7 +220,7 @@ impl Pipeline {
                     .coalescer
                     .run(key, move || async move {
                         let permit = admission.acquire().await?;
-                        forward::forward(&upstream, request, &who, admission.long_running, Some(permit)).await
+                        forward::forward(&upstream, request, &who, admission.limits, Some(permit)).await
                     })
                     .await;
                 (role.outcome(), result.map_err(Shared::Arc))
@@ -209,7 +228,7 @@ impl Pipeline {
             None => {
                 let result = match admission.acquire().await {
                     Ok(permit) => {
-                        forward::forward(upstream, request, &who, admission.long_running, Some(permit)).await
+                        forward::forward(upstream, request, &who, admission.limits, Some(permit)).await
                     }
                     Err(error) => Err(error),
                 };
@@ -224,6 +243,8 @@ impl Pipeline {
             Err(error) => {
                 let outcome = match error.as_ref() {
                     ProxyError::TooManyRequests { .. }
+                    | ProxyError::TooLarge(_)
+                    | ProxyError::BadRequest(_)
                     | ProxyError::Forbidden(_)
                     | ProxyError::Unauthenticated => "rejected",
                     _ => "error",
@@ -342,6 +363,17 @@ impl Pipeline {
         }
     }
 
+    /// The API server reads a resource write's body up to its limit
+    /// (`limitedReadBody`); proxied bodies (`.../proxy/...`) are not its to limit.
+    fn body_limit(&self, info: &RequestInfo) -> Option<u64> {
+        let write = matches!(
+            info.verb(),
+            Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection
+        );
+        (info.is_resource_request && write && info.subresource != "proxy")
+            .then_some(self.max_request_body_bytes)
+    }
+
     fn fail(&self, error: &ProxyError) -> Response<Body> {
         self.metrics
             .errors
@@ -415,7 +447,7 @@ struct Admission {
     user: Option<String>,
     headers: http::HeaderMap,
     path: String,
-    long_running: bool,
+    limits: forward::Limits,
 }
 
 impl Admission {
@@ -425,7 +457,7 @@ impl Admission {
             self.user.as_deref(),
             &self.headers,
             &self.path,
-            self.long_running,
+            self.limits.long_running,
         );
         self.limiter.acquire(demand).await
     }

@@ -35,6 +35,9 @@ pub struct ListenerSettings {
     pub tls: Option<TlsAcceptor>,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Connections open at once; at the cap, no new one is accepted until
+    /// one closes (they wait in the kernel's backlog).
+    pub max_connections: usize,
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true.
@@ -63,7 +66,27 @@ pub async fn serve<H, F>(
     // `closed` yields None: the connections are gone.
     let (open, mut closed) = mpsc::channel::<()>(1);
 
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    // At most one warning per interval while the cap keeps being reached.
+    let mut last_warning: Option<tokio::time::Instant> = None;
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(
+                        listener = settings.name,
+                        max_connections = settings.max_connections,
+                        "at the connection cap: not accepting until a connection closes"
+                    );
+                    last_warning = Some(tokio::time::Instant::now());
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot.expect("invariant: the semaphore is never closed"),
+                    _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+                }
+            }
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -117,6 +140,7 @@ pub async fn serve<H, F>(
                     }
                 }
                 drop(open);
+                drop(slot);
             }
             .instrument(span),
         );

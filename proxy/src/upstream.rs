@@ -271,6 +271,14 @@ fn send_boxed(
 /// Sorts a client error into what the client is told: nothing reached the
 /// API server (503, retry), credentials failed (503), or the exchange broke (502).
 fn classify_error(error: BoxError) -> ProxyError {
+    // The client's own body failed: its fault, not the API server's.
+    match crate::body::client_body_error(error.as_ref()) {
+        Some(crate::body::ClientBodyError::TooLarge(limit)) => return ProxyError::TooLarge(*limit),
+        Some(crate::body::ClientBodyError::Broken(cause)) => {
+            return ProxyError::BadRequest(format!("the request body could not be read: {cause}"))
+        }
+        None => {}
+    }
     if let Some(hyper_error) = error.downcast_ref::<hyper_util::client::legacy::Error>() {
         if hyper_error.is_connect() {
             return ProxyError::UpstreamUnreachable(error);

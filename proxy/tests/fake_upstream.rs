@@ -154,6 +154,7 @@ where
 
 struct Harness {
     kache: SocketAddr,
+    metrics: Arc<kache_proxy::metrics::Metrics>,
     seen: Arc<Seen>,
     frames: mpsc::Sender<Bytes>,
     _dir: TempDir,
@@ -207,10 +208,12 @@ async fn harness(extra_config: &str) -> Harness {
     };
     let running = kache_proxy::start(Config::load(&args).unwrap()).await.unwrap();
     let kache = running.addr;
+    let metrics = running.metrics.clone();
     // Keep kache running for the rest of the test process.
     std::mem::forget(running);
     Harness {
         kache,
+        metrics,
         seen,
         frames: frames_tx,
         _dir: TempDir(dir),
@@ -385,4 +388,130 @@ async fn an_unreachable_upstream_gets_503_with_retry_after() {
     let response = kache_proxy::error::rescue(&error);
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
+}
+
+/// Sends raw bytes on a new connection (optionally closing its write half
+/// after them) and returns everything kache answers until it closes.
+async fn raw_exchange(kache: SocketAddr, bytes: &[u8], close_write: bool) -> String {
+    let mut stream = TcpStream::connect(kache).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    if close_write {
+        stream.shutdown().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn posts_seen(h: &Harness) -> usize {
+    h.seen
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(uri, _)| uri == "/api/v1/namespaces/a/configmaps")
+        .count()
+}
+
+#[tokio::test]
+async fn writes_over_the_api_servers_body_limit_get_its_413() {
+    let h = harness("maxRequestBodyBytes: 16\n").await;
+    let post = |body: Vec<u8>| {
+        Request::post(format!("http://{}/api/v1/namespaces/a/configmaps", h.kache))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    // A declared length over the limit: refused before anything is sent.
+    let response = client().request(post(vec![b'x'; 17])).await.unwrap();
+    assert_eq!(response.status(), 413);
+    let status: serde_json::Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(status["message"], "Request entity too large: limit is 16");
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    assert_eq!(posts_seen(&h), 0, "nothing reached the API server");
+    // At the limit: forwarded as usual.
+    let response = client().request(post(vec![b'x'; 16])).await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(posts_seen(&h), 1);
+    // Chunked, no declared length: cut off once past the limit, same 413.
+    let answer = raw_exchange(
+        h.kache,
+        b"POST /api/v1/namespaces/a/configmaps HTTP/1.1\r\nHost: localhost\r\n\
+          Transfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("Request entity too large: limit is 16"),
+        "{answer}"
+    );
+    // Reads are not writes: a GET's body is not the API server's to limit.
+    let response = client()
+        .request(get(h.kache, "/api/v1/namespaces/a/configmaps/x"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test]
+async fn a_request_body_that_breaks_off_is_the_clients_error_not_a_bad_gateway() {
+    let h = harness("").await;
+    // Declares 100 bytes, sends 7, and closes its side.
+    let answer = raw_exchange(
+        h.kache,
+        b"POST /api/v1/namespaces/a/configmaps HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"kind\"",
+        true,
+    )
+    .await;
+    assert!(!answer.contains(" 502 "), "{answer}");
+    // Whether or not the answer can still reach it, kache counts the
+    // client's fault as such.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = h.metrics.encode();
+        if metrics.contains("kache_errors_total{kind=\"bad_request\"} 1") {
+            assert!(!metrics.contains("kind=\"upstream_failed\""), "{metrics}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no bad_request counted:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_new_connections_wait_for_a_free_one() {
+    let h = harness("maxConnections: 2\n").await;
+    let request = b"GET /version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    // Two connections take both slots (and are answered).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(h.kache).await.unwrap();
+        stream
+            .write_all(b"GET /version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 404");
+        held.push(stream);
+    }
+    // A third is connected by the kernel but not served while both are open.
+    let mut third = TcpStream::connect(h.kache).await.unwrap();
+    third.write_all(request).await.unwrap();
+    let mut buf = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read_exact(&mut buf)).await;
+    assert!(early.is_err(), "served past the cap");
+    // Once one closes, it is.
+    drop(held.pop());
+    tokio::time::timeout(Duration::from_secs(10), third.read_exact(&mut buf))
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 404");
 }
