@@ -33,6 +33,52 @@ where
     body.map_err(Into::into).boxed_unsync()
 }
 
+pin_project_lite::pin_project! {
+    /// A long-running response (a watch, a log stream) that ends cleanly,
+    /// after the frame in progress, once kache shuts down: clients see the
+    /// stream end and re-watch elsewhere instead of waiting for a timeout.
+    pub struct EndAtShutdown<B> {
+        #[pin]
+        inner: B,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        ended: bool,
+    }
+}
+
+impl<B> EndAtShutdown<B> {
+    pub fn new(inner: B, mut shutdown: tokio::sync::watch::Receiver<bool>) -> EndAtShutdown<B> {
+        EndAtShutdown {
+            inner,
+            shutdown: Box::pin(async move {
+                // A dropped sender means the process is going away too.
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            }),
+            ended: false,
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for EndAtShutdown<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        if *this.ended || this.shutdown.as_mut().poll(cx).is_ready() {
+            *this.ended = true;
+            return std::task::Poll::Ready(None);
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+}
+
 /// Why a client's request body could not be sent on: the client's fault,
 /// so the client gets a `4xx`, not the `502` of a broken upstream exchange.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +166,31 @@ pub fn client_body_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_long_running_body_ends_cleanly_at_shutdown() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let (frames, frame_rx) =
+            tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
+        let stream =
+            futures::stream::unfold(frame_rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+        let mut body = std::pin::pin!(EndAtShutdown::new(http_body_util::StreamBody::new(stream), rx));
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::from("event 1\n"))))
+            .await
+            .expect("send");
+        let first = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("ok")
+            .into_data()
+            .expect("data");
+        assert_eq!(first, "event 1\n");
+        tx.send_replace(true);
+        assert!(body.frame().await.is_none(), "the stream ends, without error");
+        assert!(http_body::Body::is_end_stream(&*body));
+    }
 
     #[tokio::test]
     async fn a_body_over_the_limit_fails_as_too_large_and_one_within_passes() {

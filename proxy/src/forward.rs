@@ -169,6 +169,7 @@ pub async fn forward(
     who: &UpstreamAs,
     limits: Limits,
     permit: Option<Permit>,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response<Body>, ProxyError> {
     let Limits {
         long_running,
@@ -198,6 +199,7 @@ pub async fn forward(
         return Ok(hold(client_response(response), permit));
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let mut shutdown = shutdown.clone();
     tokio::spawn(
         async move {
             // The session counts against the client's long-running cap until it closes.
@@ -211,9 +213,17 @@ pub async fn forward(
             };
             let mut client = TokioIo::new(client);
             let mut upstream = TokioIo::new(upstream);
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded stream closed"),
-                Err(error) => tracing::debug!(%error, "upgraded stream ended"),
+            // At shutdown the session gets the drain's grace period, then is closed.
+            let deadline = async {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                tokio::time::sleep(crate::server::GRACEFUL_SHUTDOWN_TIMEOUT).await;
+            };
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
+                    Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded stream closed"),
+                    Err(error) => tracing::debug!(%error, "upgraded stream ended"),
+                },
+                _ = deadline => tracing::info!("upgraded stream closed at shutdown"),
             }
         }
         .in_current_span(),

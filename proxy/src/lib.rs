@@ -186,6 +186,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstream: upstream.clone(),
         metrics: metrics.clone(),
         max_request_body_bytes: config.listener.max_request_body_bytes,
+        shutdown: shutdown_rx.clone(),
     }));
     let main = server::serve(
         listener,

@@ -56,6 +56,7 @@ pub struct Pipeline {
     upstream: Upstream,
     metrics: Arc<Metrics>,
     max_request_body_bytes: u64,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Shared mode's identify and authorize stages, and the connection that
@@ -81,6 +82,8 @@ pub struct Stages {
     pub metrics: Arc<Metrics>,
     /// The API server's limit on a write's body (`413` above it).
     pub max_request_body_bytes: u64,
+    /// Turns true when kache shuts down: long-running answers end then.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Pipeline {
@@ -96,6 +99,7 @@ impl Pipeline {
             upstream,
             metrics,
             max_request_body_bytes,
+            shutdown,
         } = stages;
         Pipeline {
             guard,
@@ -108,6 +112,7 @@ impl Pipeline {
             upstream,
             metrics,
             max_request_body_bytes,
+            shutdown,
         }
     }
 
@@ -176,7 +181,9 @@ impl Pipeline {
                 ControlFlow::Continue(request) => request,
             };
             match self.route_cache(request, &info, plan).await {
-                ControlFlow::Break(response) => return (verb, "cache", response),
+                ControlFlow::Break(response) => {
+                    return (verb, "cache", self.ending_at_shutdown(response, &info))
+                }
                 ControlFlow::Continue(request) => request,
             }
         } else {
@@ -216,11 +223,20 @@ impl Pipeline {
         let (outcome, result) = match coalesce::key_for(&request, who.identity(request.headers())) {
             Some(key) => {
                 let upstream = upstream.clone();
+                let shutdown = self.shutdown.clone();
                 let (role, result) = self
                     .coalescer
                     .run(key, move || async move {
                         let permit = admission.acquire().await?;
-                        forward::forward(&upstream, request, &who, admission.limits, Some(permit)).await
+                        forward::forward(
+                            &upstream,
+                            request,
+                            &who,
+                            admission.limits,
+                            Some(permit),
+                            &shutdown,
+                        )
+                        .await
                     })
                     .await;
                 (role.outcome(), result.map_err(Shared::Arc))
@@ -228,7 +244,15 @@ impl Pipeline {
             None => {
                 let result = match admission.acquire().await {
                     Ok(permit) => {
-                        forward::forward(upstream, request, &who, admission.limits, Some(permit)).await
+                        forward::forward(
+                            upstream,
+                            request,
+                            &who,
+                            admission.limits,
+                            Some(permit),
+                            &self.shutdown,
+                        )
+                        .await
                     }
                     Err(error) => Err(error),
                 };
@@ -238,7 +262,7 @@ impl Pipeline {
         match result {
             Ok(response) => {
                 self.metrics.mark_ready();
-                (verb, outcome, response)
+                (verb, outcome, self.ending_at_shutdown(response, &info))
             }
             Err(error) => {
                 let outcome = match error.as_ref() {
@@ -361,6 +385,17 @@ impl Pipeline {
                 ControlFlow::Continue(false)
             }
         }
+    }
+
+    /// A watch or another long-running answer ends cleanly when kache shuts
+    /// down, so its connection can close within the drain; upgraded
+    /// sessions (101) are closed at the drain's deadline instead.
+    fn ending_at_shutdown(&self, response: Response<Body>, info: &RequestInfo) -> Response<Body> {
+        if !info.is_long_running() || response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return response;
+        }
+        let shutdown = self.shutdown.clone();
+        response.map(|body| crate::body::stream(crate::body::EndAtShutdown::new(body, shutdown)))
     }
 
     /// The API server reads a resource write's body up to its limit

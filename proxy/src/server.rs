@@ -26,7 +26,7 @@ use crate::body::Body;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests get to finish at shutdown; watches never
 /// finish by themselves, so this is a bound, not a wait for all.
-const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+pub const GRACEFUL_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connection-level settings of one listener.
 #[derive(Clone)]

@@ -169,6 +169,14 @@ impl Drop for TempDir {
 }
 
 async fn harness(extra_config: &str) -> Harness {
+    let (harness, running) = harness_running(extra_config).await;
+    // Keep kache running for the rest of the test process.
+    std::mem::forget(running);
+    harness
+}
+
+/// A harness whose kache the test may shut down.
+async fn harness_running(extra_config: &str) -> (Harness, kache_proxy::Running) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let seen = Arc::new(Seen::default());
     let (frames_tx, frames_rx) = mpsc::channel(8);
@@ -209,15 +217,14 @@ async fn harness(extra_config: &str) -> Harness {
     let running = kache_proxy::start(Config::load(&args).unwrap()).await.unwrap();
     let kache = running.addr;
     let metrics = running.metrics.clone();
-    // Keep kache running for the rest of the test process.
-    std::mem::forget(running);
-    Harness {
+    let harness = Harness {
         kache,
         metrics,
         seen,
         frames: frames_tx,
         _dir: TempDir(dir),
-    }
+    };
+    (harness, running)
 }
 
 fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
@@ -514,4 +521,60 @@ async fn at_the_connection_cap_new_connections_wait_for_a_free_one() {
         .expect("served once a slot freed")
         .unwrap();
     assert_eq!(&buf, b"HTTP/1.1 404");
+}
+
+#[tokio::test]
+async fn at_shutdown_watches_end_cleanly_and_upgraded_sessions_close_at_the_deadline() {
+    let (h, running) = harness_running("").await;
+    // A watch streaming through kache.
+    let response = client()
+        .request(get(
+            h.kache,
+            "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=5",
+        ))
+        .await
+        .unwrap();
+    let mut watch = response.into_body();
+    h.frames
+        .send(Bytes::from("{\"type\":\"ADDED\"}\n"))
+        .await
+        .unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(5), watch.frame())
+        .await
+        .unwrap();
+    assert!(frame.unwrap().unwrap().is_data());
+    // An exec session.
+    let mut exec = TcpStream::connect(h.kache).await.unwrap();
+    exec.write_all(
+        b"POST /api/v1/namespaces/a/pods/p/exec?command=sh&stdin=true HTTP/1.1\r\nHost: localhost\r\n\
+          Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        exec.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+
+    let stopping = tokio::spawn(running.shutdown());
+    // The watch ends as a stream ends (no error), without waiting for a timeout.
+    let end = tokio::time::timeout(Duration::from_secs(4), watch.frame())
+        .await
+        .expect("the watch ended at shutdown");
+    assert!(end.is_none(), "a clean end of stream, not an error");
+    // The session still works during the grace period, and is closed after it.
+    exec.write_all(b"still").await.unwrap();
+    let mut reply = [0u8; 10];
+    exec.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"echo:still");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(30), exec.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the session was closed at the deadline");
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("shutdown finished")
+        .unwrap();
 }
