@@ -29,6 +29,7 @@ pub mod reflector;
 pub mod request;
 pub mod resources;
 pub mod selector;
+pub mod snapshot;
 pub mod store;
 pub mod upstream;
 
