@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc};
 use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{parse_resource_version, Encoding, Event, EventType, Notice, Object, Store, TooOld};
+use crate::store::{parse_resource_version, Encoding, Event, EventType, Notice, Object, Store, WatchError};
 use crate::upstream::{ByteStream, FetchError};
 
 /// Why a read is forwarded rather than answered from the cache (a metric label).
@@ -510,10 +510,15 @@ impl Default for WatchSettings {
 }
 
 /// Starts a watch served from the store. `on_end` runs when the watch ends
-/// (client gone, timeout, too slow, store reset).
+/// (client gone, timeout, too slow, store stopped or rebuilt from a list
+/// older than itself). It outlives the store's upstream watch: while the
+/// reflector reconnects the watch stays open (until its timeout), and after
+/// a relist it gets the differences as events (see [`crate::store`]).
 ///
 /// # Errors
-/// The requested version is older than the retained events.
+/// The requested version is older than the retained events (the caller
+/// forwards, and the API server answers or says `410 Expired` itself), or
+/// the store was stopped.
 pub fn watch(
     plan: ReadPlan,
     spec: Arc<ResourceSpec>,
@@ -521,7 +526,7 @@ pub fn watch(
     encoding: Encoding,
     settings: &WatchSettings,
     on_end: impl FnOnce() + Send + 'static,
-) -> Result<Response<ByteStream>, TooOld> {
+) -> Result<Response<ByteStream>, WatchError> {
     let (bookmarks, timeout) = match &plan.kind {
         ReadKind::Watch { bookmarks, timeout } => (*bookmarks, *timeout),
         _ => (false, None),
@@ -565,9 +570,25 @@ pub fn watch(
                         }
                     }
                     Ok(Notice::Progress(_)) => {}
-                    // Rebuilt store, or this watcher fell too far behind: end
+                    Ok(Notice::Relisted { events, resource_version }) => {
+                        for event in events.iter() {
+                            if let Some(frame) = frame_for(&plan, &frames, event) {
+                                if !deliver(&tx, frame, &feed, store.backlog()).await {
+                                    return;
+                                }
+                            }
+                        }
+                        last_sent = resource_version;
+                        if bookmarks {
+                            let frame = frames.bookmark(&store, resource_version);
+                            if !deliver(&tx, frame, &feed, store.backlog()).await {
+                                return;
+                            }
+                        }
+                    }
+                    // Stopped store, or this watcher fell too far behind: end
                     // the watch; the client resumes or relists.
-                    Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                    Ok(Notice::End) | Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = ticker.tick(), if bookmarks => {
                     let rv = store.resource_version().max(last_sent);
@@ -650,6 +671,8 @@ fn jittered(base: Duration) -> Duration {
 /// The frame a watcher gets for an event, if any, with the API server's
 /// selector transitions: an object that starts matching is ADDED, one that
 /// stops matching is DELETED (its previous state at the event's version).
+/// A DELETED's object is sent at the event's version (a relist's DELETED
+/// carries the last known object, see [`crate::store`]).
 fn frame_for(plan: &ReadPlan, frames: &Frames, event: &Event) -> Option<Bytes> {
     let in_scope = |o: &Object| plan.namespace.is_empty() || o.namespace == plan.namespace;
     if !in_scope(&event.object) {
@@ -663,7 +686,15 @@ fn frame_for(plan: &ReadPlan, frames: &Frames, event: &Event) -> Option<Bytes> {
                 .prev
                 .as_deref()
                 .map_or_else(|| matches(plan, &event.object), |prev| matches(plan, prev));
-            passes.then(|| frames.event("DELETED", event.object.bytes()))
+            if !passes {
+                return None;
+            }
+            if event.object.resource_version == event.resource_version {
+                Some(frames.event("DELETED", event.object.bytes()))
+            } else {
+                let object = frames.with_resource_version(event.object.bytes(), event.resource_version);
+                Some(frames.event("DELETED", &object))
+            }
         }
         (_, true, false) => Some(frames.event("ADDED", event.object.bytes())),
         (_, true, true) => Some(frames.event("MODIFIED", event.object.bytes())),

@@ -8,10 +8,13 @@
 //!        ▼
 //!   WATCH ?allowWatchBookmarks=true&resourceVersion=<store's> ──► Store::apply / progress
 //!        │ ends normally ─► watch again from the store's version
-//!        │ 410 Gone      ─► relist
+//!        │ 410 Gone      ─► relist: Store::replace tells watchers the differences
 //!        └ fails         ─► unsynced (readers forward), retry with backoff from the
 //!                           store's version; relist if it is gone
 //! ```
+//!
+//! Watches served from the store outlive all of this: they stay open while
+//! the reflector reconnects and go on after a relist (see [`crate::store`]).
 //!
 //! The LIST asks for `resourceVersion=0`, as client-go's reflectors do, so the
 //! API server answers it from its own watch cache rather than etcd.
@@ -147,7 +150,9 @@ impl Default for ReflectorConfig {
             // client-go picks 5–10 minutes; a fixed 5 minutes keeps renewals rare.
             watch_timeout: Duration::from_secs(300),
             min_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(30),
+            // A restarted API server sees kache's watches again within
+            // seconds (the watches kache serves wait for it meanwhile).
+            max_backoff: Duration::from_secs(5),
         }
     }
 }
@@ -172,7 +177,7 @@ pub async fn run(
             Err(error) => {
                 tracing::warn!(resource = %spec.qualified_resource(), %error, "list failed");
                 store.mark_unsynced();
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(jittered(backoff)).await;
                 backoff = (backoff * 2).min(config.max_backoff);
                 continue;
             }
@@ -188,12 +193,22 @@ pub async fn run(
                 WatchEnd::Failed(error) => {
                     tracing::warn!(resource = %spec.qualified_resource(), %error, "watch failed");
                     store.mark_unsynced();
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(jittered(backoff)).await;
                     backoff = (backoff * 2).min(config.max_backoff);
                 }
             }
         }
     }
+}
+
+/// Between half and all of `backoff`, so that the reflectors of many
+/// resources, cut off together, do not come back in step.
+fn jittered(backoff: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    backoff.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
 }
 
 #[derive(Deserialize)]
@@ -458,5 +473,124 @@ pub(crate) fn apply_protobuf_event(spec: &ResourceSpec, store: &Store, frame: &[
             None
         }
         Err(e) => Some(WatchEnd::Failed(FetchError(format!("watch event object: {e}")))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http::Response;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::store::Notice;
+    use crate::upstream::{BoxFuture, ByteStream};
+
+    /// Answers LISTs with the next of `lists`; the first WATCH streams what
+    /// the test sends, later ones stay quiet.
+    struct Fake {
+        lists: Mutex<Vec<String>>,
+        first_watch: Mutex<Option<mpsc::UnboundedReceiver<Bytes>>>,
+    }
+
+    impl ApiClient for Fake {
+        fn fetch(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
+            let mut lists = self.lists.lock().expect("lock");
+            let body = if lists.is_empty() {
+                None
+            } else {
+                Some(lists.remove(0))
+            };
+            Box::pin(async move {
+                match body {
+                    Some(body) => Ok(Response::new(Bytes::from(body))),
+                    None => futures::future::pending().await,
+                }
+            })
+        }
+
+        fn stream(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
+            let lines = self.first_watch.lock().expect("lock").take();
+            Box::pin(async move {
+                let body: ByteStream = match lines {
+                    Some(lines) => Box::pin(futures::stream::unfold(lines, |mut lines| async move {
+                        lines.recv().await.map(|line| (Ok(line), lines))
+                    })),
+                    None => Box::pin(futures::stream::pending()),
+                };
+                Ok(Response::new(body))
+            })
+        }
+    }
+
+    fn cm(name: &str, rv: u64) -> String {
+        format!(r#"{{"metadata":{{"name":"{name}","namespace":"a","resourceVersion":"{rv}"}}}}"#)
+    }
+
+    #[tokio::test]
+    async fn after_410_the_relist_reaches_watchers_as_events() {
+        let first = format!(
+            r#"{{"metadata":{{"resourceVersion":"5"}},"items":[{},{}]}}"#,
+            cm("a", 2),
+            cm("b", 3)
+        );
+        let second = format!(
+            r#"{{"metadata":{{"resourceVersion":"10"}},"items":[{},{}]}}"#,
+            cm("a", 8),
+            cm("c", 9)
+        );
+        let (lines, first_watch) = mpsc::unbounded_channel();
+        let client = Arc::new(Fake {
+            lists: Mutex::new(vec![first, second]),
+            first_watch: Mutex::new(Some(first_watch)),
+        });
+        let spec = Arc::new(ResourceSpec {
+            group: String::new(),
+            version: "v1".into(),
+            resource: "configmaps".into(),
+            kind: "ConfigMap".into(),
+            namespaced: true,
+            custom: false,
+            speaks_protobuf: Some(true),
+        });
+        let store = Arc::new(Store::new(100, 100));
+        let reflector = tokio::spawn(run(
+            client,
+            spec,
+            store.clone(),
+            ReflectorConfig::default(),
+            Encoding::Json,
+        ));
+        assert!(store.wait_for(5, Duration::from_secs(5)).await);
+        let mut watcher = store.watch_from(5).expect("watch");
+        lines
+            .send(Bytes::from_static(
+                b"{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"reason\":\"Expired\",\"code\":410}}\n",
+            ))
+            .expect("send");
+        let notice = tokio::time::timeout(Duration::from_secs(5), watcher.feed.recv())
+            .await
+            .expect("in time")
+            .expect("open");
+        let Notice::Relisted {
+            events,
+            resource_version,
+        } = notice
+        else {
+            panic!("the watcher was not told the relist: {notice:?}");
+        };
+        let summary: Vec<_> = events
+            .iter()
+            .map(|e| (e.kind.as_str(), e.object.name.as_str(), e.resource_version))
+            .collect();
+        assert_eq!(
+            (summary, resource_version),
+            (
+                vec![("MODIFIED", "a", 8), ("ADDED", "c", 9), ("DELETED", "b", 10)],
+                10
+            )
+        );
+        reflector.abort();
     }
 }

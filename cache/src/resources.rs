@@ -39,7 +39,7 @@ use crate::discovery::Discovery;
 use crate::reads::{self, Bypass, MinVersion, ReadKind, ReadPlan, WatchSettings};
 use crate::reflector::{self, ReflectorConfig, ResourceSpec};
 use crate::request::RequestInfo;
-use crate::store::{Encoding, Store};
+use crate::store::{Encoding, Store, WatchError};
 use crate::upstream::{ApiClient, ByteStream};
 
 /// How long a resource found not cacheable (or evicted) is forwarded before
@@ -81,9 +81,18 @@ struct Cached {
     watchers: Arc<AtomicUsize>,
 }
 
+impl Cached {
+    /// Stops following the upstream; watches served from the store end at
+    /// once (their clients watch again: forwarded, or cached anew).
+    fn stop(&self) {
+        self.reflector.abort();
+        self.store.close();
+    }
+}
+
 impl Drop for Cached {
     fn drop(&mut self) {
-        self.reflector.abort();
+        self.stop();
     }
 }
 
@@ -350,7 +359,10 @@ impl Cache {
                     on_end,
                 )
                 .map(Answer::Stream)
-                .map_err(|_| Bypass::TooOld)
+                .map_err(|error| match error {
+                    WatchError::TooOld(_) => Bypass::TooOld,
+                    WatchError::Stopped => Bypass::NotSynced,
+                })
             }
         }
     }
@@ -385,9 +397,11 @@ impl Cache {
     }
 
     /// The store of a resource in an encoding: started on first use.
+    /// No map guard is held across an await: a shard's lock held while
+    /// waiting for a sync would block every thread that touches the shard.
     async fn resource(&self, key: Key, spec: Arc<ResourceSpec>) -> Result<Arc<Cached>, Bypass> {
-        if let Some(cached) = self.inner.resources.get(&key) {
-            let cached = cached.clone();
+        let existing = self.inner.resources.get(&key).map(|cached| Arc::clone(&cached));
+        if let Some(cached) = existing {
             return self.until_synced(cached).await;
         }
         if let Some(entry) = self.inner.negative.get(&(key.gvr.clone(), Some(key.encoding))) {
@@ -550,6 +564,7 @@ impl Cache {
                 && cached.watchers.load(Ordering::Relaxed) == 0;
             if idle {
                 tracing::info!(resource = %cached.spec.qualified_resource(), "idle: no longer cached");
+                cached.stop();
             }
             !idle
         });
@@ -571,7 +586,9 @@ impl Cache {
                 break;
             }
             tracing::warn!(resource = %key.gvr.resource, group = %key.gvr.group, encoding = key.encoding.as_str(), bytes, "over the memory budget: dropping");
-            inner.resources.remove(&key);
+            if let Some((_, cached)) = inner.resources.remove(&key) {
+                cached.stop();
+            }
             inner.negative.insert(
                 (key.gvr, Some(key.encoding)),
                 (Instant::now() + NEGATIVE_TTL, Bypass::OverBudget),
@@ -798,5 +815,105 @@ mod tests {
             .map(|r| r["encoding"].as_str().unwrap_or("").to_string())
             .collect();
         assert_eq!(encodings, ["json", "protobuf"]);
+    }
+
+    /// Answers discovery; its LISTs never answer, so stores never sync.
+    struct NeverLists;
+
+    impl ApiClient for NeverLists {
+        fn fetch(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
+            if request.uri() == "/api/v1" {
+                let body = Bytes::from_static(
+                    br#"{"kind":"APIResourceList","groupVersion":"v1","resources":[{"name":"configmaps","namespaced":true,"kind":"ConfigMap","verbs":["get","list","watch"]}]}"#,
+                );
+                return Box::pin(async move { Ok(Response::new(body)) });
+            }
+            Box::pin(futures::future::pending())
+        }
+
+        fn stream(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_waiting_for_a_sync_holds_no_lock_on_the_registry() {
+        let client: Arc<dyn ApiClient> = Arc::new(NeverLists);
+        let discovery = Discovery::new(client.clone(), Default::default(), DiscoveryMetrics::default());
+        let config = CacheConfig {
+            sync_timeout: Duration::from_secs(60),
+            ..CacheConfig::default()
+        };
+        let cache = Cache::new(client, discovery, config, CacheMetrics::default());
+        let (info, query, headers) = request(
+            "/api/v1/namespaces/a/configmaps?resourceVersion=0",
+            "application/json",
+        );
+        // The first read starts the store and waits for its sync…
+        let mut first = std::pin::pin!(cache.serve(&info, query.as_deref(), &headers));
+        for _ in 0..100 {
+            assert!(futures::poll!(&mut first).is_pending());
+            if !cache.inner.resources.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(cache.inner.resources.len(), 1, "the store was started");
+        // …and so does a second one, which finds the store in the registry.
+        let mut second = std::pin::pin!(cache.serve(&info, query.as_deref(), &headers));
+        assert!(futures::poll!(&mut second).is_pending());
+        // Meanwhile the registry can be written (the janitor takes every
+        // shard's write lock): a guard held across the wait would block it.
+        let (done, finished) = std::sync::mpsc::channel();
+        let janitor = cache.clone();
+        std::thread::spawn(move || {
+            janitor.sweep();
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the janitor was blocked by a read waiting for a sync"
+        );
+    }
+
+    #[tokio::test]
+    async fn watches_of_an_evicted_store_end_at_once() {
+        use futures::StreamExt;
+        let fake = Arc::new(Fake::default());
+        let client: Arc<dyn ApiClient> = fake.clone();
+        let discovery = Discovery::new(client.clone(), Default::default(), DiscoveryMetrics::default());
+        let config = CacheConfig {
+            memory_budget_bytes: 1,
+            ..CacheConfig::default()
+        };
+        let cache = Cache::new(client, discovery, config, CacheMetrics::default());
+        let (info, query, headers) = request(
+            "/api/v1/namespaces/kache-pb/configmaps?watch=true&resourceVersion=0",
+            "application/json",
+        );
+        let Ok(Answer::Stream(mut watch)) = cache.serve(&info, query.as_deref(), &headers).await else {
+            panic!("watch not served from the cache");
+        };
+        let mut events = 0;
+        while events < 2 {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), watch.body_mut().next())
+                .await
+                .expect("the initial events")
+                .expect("open")
+                .expect("no error");
+            events += chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+        }
+        assert_eq!(cache.debug_view()["resources"][0]["watchers"], 1);
+        cache.sweep();
+        assert_eq!(cache.debug_view()["resources"], serde_json::json!([]), "evicted");
+        let end = tokio::time::timeout(Duration::from_secs(5), watch.body_mut().next())
+            .await
+            .expect("the watch ends at once, not at its timeout");
+        assert!(end.is_none(), "a clean end: {end:?}");
+        // The client's next watch is forwarded for now.
+        assert!(matches!(
+            cache.serve(&info, query.as_deref(), &headers).await,
+            Err(Bypass::OverBudget)
+        ));
     }
 }

@@ -8,6 +8,39 @@
 //! readers take a short read lock to copy `Arc`s (a point-in-time view with
 //! its resourceVersion) and render without holding it. The initial list is
 //! built aside and swapped in whole, so no reader sees a half-filled store.
+//!
+//! # Relists
+//!
+//! When the upstream forgets the store's version (`410 Gone`) the reflector
+//! lists again, and [`Store::replace`] turns the difference between the store
+//! and the new list into ordinary events, so watches served from the store
+//! go on instead of ending (the v1.20 cacher ends all its watchers whenever
+//! its reflector restarts, and clients relist; `cacher.go`, `startCaching`).
+//! The events are made to be resumable, as clients set their version from
+//! each event's object:
+//!
+//! - ADDED and MODIFIED carry the listed object, with its own (real)
+//!   resourceVersion, which is newer than the store's old version; they go
+//!   first, oldest first.
+//! - DELETED carries the last known object, stamped with the list's version:
+//!   the only version at which the deletion is known to have happened (an
+//!   older one could be older than the real deletion, and a client resuming
+//!   from it at the API server would never hear of it). Several DELETED may
+//!   share that version, so a watch resuming *at* it gets them again (a
+//!   DELETED for an object the client no longer holds is harmless).
+//! - Then watchers that asked for bookmarks get a BOOKMARK at the list's
+//!   version.
+//!
+//! The events join the event window, so a version a client received, before
+//! or during the relist, stays resumable while the window covers it. A client
+//! holding the real state at a version between the old one and the list's
+//! (a list forwarded while the store was resyncing) is right too: it gets the
+//! changes newer than its version and every deletion. One case is not: a
+//! client cut off in the middle of the relist's events that resumes at the API
+//! server itself (kache restarted, the store evicted) may miss deletions that
+//! happened before its version. A list older than the store (the upstream's
+//! versions went backwards: a restored etcd, a lagging API server) cannot be
+//! told as events: watchers end and the window restarts at the list.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -246,6 +279,10 @@ impl EventType {
 }
 
 /// A change, with the object before it (for selector transitions).
+///
+/// `resource_version` is the event's version; it differs from the object's
+/// own only for a DELETED a relist made up (see the module's doc), whose
+/// object is the last one known and is sent stamped with the event's version.
 #[derive(Debug)]
 pub struct Event {
     pub kind: EventType,
@@ -254,14 +291,30 @@ pub struct Event {
     pub resource_version: u64,
 }
 
+impl Event {
+    /// A DELETED made up by a relist: several may share one version, so a
+    /// watch resuming at that version is sent them again.
+    fn replayed_at_own_version(&self) -> bool {
+        self.kind == EventType::Deleted && self.object.resource_version != self.resource_version
+    }
+}
+
 /// What a watcher receives on the broadcast.
 #[derive(Debug, Clone)]
 pub enum Notice {
     Event(Arc<Event>),
     /// The store's resourceVersion moved without an object change.
     Progress(u64),
-    /// The store was rebuilt from a new list: watchers cannot continue.
-    Reset,
+    /// The store was rebuilt from a list at `resource_version`: `events` (in
+    /// order) take a watcher from the old state to the new one; then it is at
+    /// the list's version (a BOOKMARK for watchers that asked for them).
+    Relisted {
+        events: Arc<[Arc<Event>]>,
+        resource_version: u64,
+    },
+    /// Watchers must end (their clients watch again): the store was stopped,
+    /// or rebuilt from a list its events cannot lead to.
+    End,
 }
 
 /// A watch asked for events older than the store retains.
@@ -270,6 +323,16 @@ pub enum Notice {
 pub struct TooOld {
     pub requested: u64,
     pub oldest: u64,
+}
+
+/// Why a store cannot serve a watch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    TooOld(#[from] TooOld),
+    /// The store was stopped (evicted, idle): it no longer follows the upstream.
+    #[error("the store was stopped")]
+    Stopped,
 }
 
 #[derive(Default)]
@@ -281,6 +344,10 @@ struct State {
     /// The resourceVersion from which `events` is complete.
     window_start: u64,
     synced: bool,
+    /// A list was applied: watchers may exist, a new list is told as events.
+    listed: bool,
+    /// Stopped for good ([`Store::close`]).
+    closed: bool,
     bytes: usize,
     /// The object of the API server's last BOOKMARK (protobuf stores: the
     /// type's empty message, see [`crate::protobuf::bookmark_object`]).
@@ -355,8 +422,6 @@ impl Store {
         (state.objects.len(), state.bytes)
     }
 
-    /// Replaces the whole content with a fresh list: existing watchers are
-    /// told to end (their clients relist), the event window restarts here.
     /// A synced store holding `objects` at `resource_version`, with no writer:
     /// for rendering a fixed state (benchmarks, tools).
     pub fn from_objects(objects: Vec<Object>, resource_version: u64) -> Store {
@@ -365,6 +430,11 @@ impl Store {
         store
     }
 
+    /// Replaces the whole content with a fresh list at `resource_version`.
+    /// The first list is swapped in whole. Later ones are told to watchers as
+    /// the events that lead from the store to the list, which join the event
+    /// window (see the module's doc); a list older than the store ends the
+    /// watchers and restarts the window.
     pub(crate) fn replace(&self, objects: Vec<Object>, resource_version: u64) {
         let mut map = BTreeMap::new();
         let mut bytes = 0;
@@ -373,21 +443,72 @@ impl Store {
             map.insert(object.key(), Arc::new(object));
         }
         let mut state = self.write();
-        let had_watchers = state.synced;
+        if state.listed {
+            if let Some(events) = difference(&state.objects, &map, state.resource_version, resource_version) {
+                state.objects = map;
+                state.bytes = bytes;
+                state.resource_version = resource_version;
+                state.synced = !state.closed;
+                for event in &events {
+                    state.events.push_back(event.clone());
+                }
+                self.trim(&mut state);
+                let _ = self.notices.send(Notice::Relisted {
+                    events: events.into(),
+                    resource_version,
+                });
+                drop(state);
+                self.version.send_replace(resource_version);
+                return;
+            }
+            tracing::info!(
+                store = state.resource_version,
+                list = resource_version,
+                "a list the store's events cannot lead to: its watchers end"
+            );
+            let _ = self.notices.send(Notice::End);
+        }
         let bookmark = state.bookmark.take();
+        let closed = state.closed;
         *state = State {
             objects: map,
             resource_version,
             events: VecDeque::new(),
             window_start: resource_version,
-            synced: true,
+            synced: !closed,
+            listed: true,
+            closed,
             bytes,
             bookmark,
         };
-        if had_watchers {
-            let _ = self.notices.send(Notice::Reset);
-        }
+        drop(state);
         self.version.send_replace(resource_version);
+    }
+
+    /// Drops the oldest events beyond the window.
+    fn trim(&self, state: &mut State) {
+        while state.events.len() > self.window {
+            if let Some(dropped) = state.events.pop_front() {
+                // A resume at a relist's DELETED's version needs it again.
+                state.window_start = if dropped.replayed_at_own_version() {
+                    dropped.resource_version + 1
+                } else {
+                    dropped.resource_version
+                };
+            }
+        }
+    }
+
+    /// Stops the store for good (evicted, idle): its watchers end at once, and
+    /// it serves no new ones.
+    pub(crate) fn close(&self) {
+        let mut state = self.write();
+        if state.closed {
+            return;
+        }
+        state.closed = true;
+        state.synced = false;
+        let _ = self.notices.send(Notice::End);
     }
 
     /// Applies one watch event. Events at or below the store's version are
@@ -425,11 +546,7 @@ impl Store {
         });
         state.resource_version = resource_version;
         state.events.push_back(event.clone());
-        while state.events.len() > self.window {
-            if let Some(dropped) = state.events.pop_front() {
-                state.window_start = dropped.resource_version;
-            }
-        }
+        self.trim(&mut state);
         let _ = self.notices.send(Notice::Event(event));
         drop(state);
         self.version.send_replace(resource_version);
@@ -464,11 +581,13 @@ impl Store {
     /// Marks the store synced again after its reflector resumed watching
     /// from the store's version (nothing was missed).
     pub(crate) fn mark_synced(&self) {
-        self.write().synced = true;
+        let mut state = self.write();
+        state.synced = state.listed && !state.closed;
     }
 
     /// Marks the store unsynced (its reflector lost the upstream): readers
-    /// forward until it has resynced.
+    /// forward until it has resynced. Its watchers stay open meanwhile (until
+    /// their own timeouts) and resume with the events that follow.
     pub(crate) fn mark_unsynced(&self) {
         self.write().synced = false;
     }
@@ -505,12 +624,16 @@ impl Store {
     }
 
     /// Starts a watch from `resource_version`: `0` replays the current state
-    /// as ADDED events; otherwise the retained events after it.
+    /// as ADDED events; otherwise the retained events after it (and a
+    /// relist's DELETED at it, see the module's doc).
     ///
     /// # Errors
-    /// The version is older than the retained window.
-    pub fn watch_from(&self, resource_version: u64) -> Result<WatchStart, TooOld> {
+    /// The version is older than the retained window, or the store was stopped.
+    pub fn watch_from(&self, resource_version: u64) -> Result<WatchStart, WatchError> {
         let state = self.read();
+        if state.closed {
+            return Err(WatchError::Stopped);
+        }
         // Subscribed under the lock: no event between replay and feed is lost.
         let feed = self.notices.subscribe();
         let initial = if resource_version == 0 {
@@ -528,15 +651,18 @@ impl Store {
                 .collect()
         } else {
             if resource_version < state.window_start {
-                return Err(TooOld {
+                return Err(WatchError::TooOld(TooOld {
                     requested: resource_version,
                     oldest: state.window_start,
-                });
+                }));
             }
             state
                 .events
                 .iter()
-                .filter(|e| e.resource_version > resource_version)
+                .filter(|e| {
+                    e.resource_version > resource_version
+                        || (e.resource_version == resource_version && e.replayed_at_own_version())
+                })
                 .cloned()
                 .collect()
         };
@@ -554,6 +680,54 @@ impl Store {
             .await
             .is_ok_and(|r| r.is_ok())
     }
+}
+
+/// The events that take a watcher from `old` (at `old_version`) to `new`
+/// (a list at `new_version`), in the order the module's doc describes;
+/// `None` if the list cannot be reached by events: it is older than the store,
+/// or holds a change the store should already have seen.
+fn difference(
+    old: &BTreeMap<(String, String), Arc<Object>>,
+    new: &BTreeMap<(String, String), Arc<Object>>,
+    old_version: u64,
+    new_version: u64,
+) -> Option<Vec<Arc<Event>>> {
+    if new_version < old_version {
+        return None;
+    }
+    let mut changes = Vec::new();
+    for (key, object) in new {
+        let prev = old.get(key);
+        let kind = match prev {
+            None => EventType::Added,
+            Some(prev) if prev.resource_version != object.resource_version => EventType::Modified,
+            Some(_) => continue,
+        };
+        if object.resource_version <= old_version || object.resource_version > new_version {
+            return None;
+        }
+        changes.push(Arc::new(Event {
+            kind,
+            object: object.clone(),
+            prev: prev.cloned(),
+            resource_version: object.resource_version,
+        }));
+    }
+    changes.sort_by_key(|e| e.resource_version);
+    for (key, object) in old {
+        if !new.contains_key(key) {
+            if new_version <= old_version {
+                return None;
+            }
+            changes.push(Arc::new(Event {
+                kind: EventType::Deleted,
+                object: object.clone(),
+                prev: Some(object.clone()),
+                resource_version: new_version,
+            }));
+        }
+    }
+    Some(changes)
 }
 
 #[cfg(test)]
@@ -679,10 +853,10 @@ mod tests {
         assert_eq!(rvs, [8, 9]);
         assert_eq!(
             store.watch_from(5).unwrap_err(),
-            TooOld {
+            WatchError::TooOld(TooOld {
                 requested: 5,
                 oldest: 7
-            }
+            })
         );
         let from_zero = store.watch_from(0).unwrap();
         assert_eq!(from_zero.initial.len(), 1);
@@ -691,7 +865,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn watchers_receive_new_events_and_a_reset_on_relist() {
+    async fn watchers_receive_new_events_and_progress() {
         let store = Store::new(10, 10);
         store.replace(vec![], 5);
         let mut start = store.watch_from(5).unwrap();
@@ -702,8 +876,162 @@ mod tests {
         }
         store.progress(9);
         assert!(matches!(start.feed.recv().await.unwrap(), Notice::Progress(9)));
+    }
+
+    fn summary(events: &[Arc<Event>]) -> Vec<(EventType, String, u64, u64)> {
+        events
+            .iter()
+            .map(|e| {
+                (
+                    e.kind,
+                    e.object.name.clone(),
+                    e.resource_version,
+                    e.object.resource_version,
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_relist_is_told_to_watchers_as_the_differences() {
+        let store = Store::new(100, 10);
+        store.replace(
+            vec![
+                object("a", "kept", 2, &[]),
+                object("a", "changed", 3, &[]),
+                object("a", "gone", 4, &[]),
+                object("b", "gone-too", 5, &[]),
+            ],
+            10,
+        );
+        let mut start = store.watch_from(10).unwrap();
+        store.replace(
+            vec![
+                object("a", "kept", 2, &[]),
+                object("a", "new", 14, &[]),
+                object("a", "changed", 12, &[]),
+            ],
+            20,
+        );
+        let Notice::Relisted {
+            events,
+            resource_version,
+        } = start.feed.recv().await.unwrap()
+        else {
+            panic!("not a relist");
+        };
+        assert_eq!(resource_version, 20);
+        assert_eq!(
+            summary(&events),
+            [
+                (EventType::Modified, "changed".into(), 12, 12),
+                (EventType::Added, "new".into(), 14, 14),
+                (EventType::Deleted, "gone".into(), 20, 4),
+                (EventType::Deleted, "gone-too".into(), 20, 5),
+            ],
+            "changes oldest first with their own versions, then deletions at the list's"
+        );
+        assert_eq!(events[0].prev.as_ref().unwrap().resource_version, 3);
+        assert_eq!(store.resource_version(), 20);
+        assert!(store.is_synced());
+        let names: Vec<_> = store
+            .snapshot(None, |_| true)
+            .objects
+            .iter()
+            .map(|o| o.name.clone())
+            .collect();
+        assert_eq!(names, ["changed", "kept", "new"]);
+    }
+
+    #[test]
+    fn versions_from_before_and_during_a_relist_stay_resumable() {
+        let store = Store::new(100, 10);
+        store.replace(vec![object("a", "x", 3, &[]), object("a", "y", 4, &[])], 5);
+        store.apply(EventType::Added, object("a", "z", 6, &[]));
+        store.replace(vec![object("a", "x", 9, &[]), object("a", "w", 8, &[])], 12);
+        let resumed = |rv| summary(&store.watch_from(rv).unwrap().initial);
+        let all = [
+            (EventType::Added, "w".to_string(), 8, 8),
+            (EventType::Modified, "x".into(), 9, 9),
+            (EventType::Deleted, "y".into(), 12, 4),
+            (EventType::Deleted, "z".into(), 12, 6),
+        ];
+        // From before the relist: its own event, then the relist's.
+        let mut from_5 = vec![(EventType::Added, "z".to_string(), 6, 6)];
+        from_5.extend(all.iter().cloned());
+        assert_eq!(resumed(5), from_5);
+        assert_eq!(resumed(6), all);
+        // A version handed out during the relist: the rest of it.
+        assert_eq!(resumed(8), all[1..]);
+        // The list's version: the deletions again (there may be several at it).
+        assert_eq!(resumed(12), all[2..]);
+        assert!(store.watch_from(4).is_err(), "older than the window");
+    }
+
+    #[tokio::test]
+    async fn a_list_older_than_the_store_ends_its_watchers() {
+        let store = Store::new(100, 10);
+        store.replace(vec![object("a", "x", 3, &[])], 10);
+        let mut start = store.watch_from(10).unwrap();
+        store.replace(vec![object("a", "x", 3, &[])], 8);
+        assert!(matches!(start.feed.recv().await.unwrap(), Notice::End));
+        assert_eq!(store.resource_version(), 8);
+        assert!(store.watch_from(9).unwrap().initial.is_empty());
+        assert!(store.watch_from(7).is_err(), "the window restarts at the list");
+    }
+
+    #[tokio::test]
+    async fn a_relist_without_changes_only_moves_the_version() {
+        let store = Store::new(100, 10);
+        store.replace(vec![object("a", "x", 3, &[])], 10);
+        let mut start = store.watch_from(10).unwrap();
+        store.replace(vec![object("a", "x", 3, &[])], 15);
+        match start.feed.recv().await.unwrap() {
+            Notice::Relisted {
+                events,
+                resource_version,
+            } => assert_eq!((events.len(), resource_version), (0, 15)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn losing_the_upstream_keeps_watchers_and_closing_ends_them() {
+        let store = Store::new(100, 10);
+        store.replace(vec![], 10);
+        let mut start = store.watch_from(10).unwrap();
+        store.mark_unsynced();
+        assert!(!store.is_synced());
+        assert!(start.feed.try_recv().is_err(), "nothing said to watchers");
+        store.mark_synced();
+        store.apply(EventType::Added, object("a", "x", 11, &[]));
+        assert!(matches!(start.feed.recv().await.unwrap(), Notice::Event(_)));
+        store.close();
+        assert!(matches!(start.feed.recv().await.unwrap(), Notice::End));
+        assert!(!store.is_synced());
+        assert_eq!(store.watch_from(11).unwrap_err(), WatchError::Stopped);
+        store.mark_synced();
         store.replace(vec![], 20);
-        assert!(matches!(start.feed.recv().await.unwrap(), Notice::Reset));
+        assert!(!store.is_synced(), "a stopped store stays stopped");
+    }
+
+    #[test]
+    fn a_window_cut_inside_a_relists_deletions_refuses_their_version() {
+        let store = Store::new(2, 10);
+        store.replace(
+            vec![
+                object("a", "x", 3, &[]),
+                object("a", "y", 4, &[]),
+                object("a", "z", 4, &[]),
+            ],
+            5,
+        );
+        store.replace(vec![], 9);
+        // Three deletions at 9, two kept: a resume at 9 would miss one.
+        assert!(matches!(
+            store.watch_from(9),
+            Err(WatchError::TooOld(TooOld { oldest: 10, .. }))
+        ));
     }
 
     #[tokio::test]

@@ -647,3 +647,188 @@ async fn protobuf_watches_follow_selector_transitions_and_send_bookmarks() {
     // Without an API server bookmark to copy, only the version is set.
     assert_eq!(events[2].2.as_ref(), b"\x0a\x04\x32\x0211");
 }
+
+fn event_summary(events: &[serde_json::Value]) -> Vec<(String, String, String, String)> {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    events
+        .iter()
+        .map(|e| {
+            let meta = &e["object"]["metadata"];
+            (
+                s(&e["type"]),
+                s(&meta["name"]),
+                s(&meta["resourceVersion"]),
+                s(&meta["labels"]["app"]),
+            )
+        })
+        .collect()
+}
+
+/// The store before (at 5) and after (a list at 20) a relist, in namespace
+/// `a` unless named otherwise: `x` stops matching `app=web`, `y` is deleted,
+/// `z` starts matching, `w` is new and matches, `v` is new and does not,
+/// `b/q` is in another namespace.
+/// Builds a configmap in one encoding: namespace, name, version, labels.
+type MakeObject = fn(&str, &str, u64, &[(&str, &str)]) -> Object;
+
+fn relisted_store(object: MakeObject) -> (Arc<Store>, Vec<Object>) {
+    let store = Arc::new(Store::new(100, 100));
+    store.replace(
+        vec![
+            object("a", "x", 2, &[("app", "web")]),
+            object("a", "y", 3, &[("app", "web")]),
+            object("a", "z", 4, &[("app", "db")]),
+            object("a", "kept", 1, &[("app", "web")]),
+        ],
+        5,
+    );
+    let list = vec![
+        object("a", "x", 12, &[("app", "db")]),
+        object("a", "z", 13, &[("app", "web")]),
+        object("a", "w", 15, &[("app", "web")]),
+        object("a", "v", 16, &[("app", "db")]),
+        object("b", "q", 17, &[("app", "web")]),
+        object("a", "kept", 1, &[("app", "web")]),
+    ];
+    (store, list)
+}
+
+#[tokio::test]
+async fn a_relist_reaches_watchers_as_events_through_their_selectors_then_a_bookmark() {
+    let (store, list) = relisted_store(configmap);
+    let start = |uri: &str| {
+        watch(
+            plan_for(uri, None).expect("plan"),
+            Arc::new(spec(false)),
+            store.clone(),
+            Encoding::Json,
+            &WatchSettings::default(),
+            || {},
+        )
+        .expect("watch")
+    };
+    let selective = start(
+        "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=5&labelSelector=app%3Dweb&allowWatchBookmarks=true",
+    );
+    let everything = start("/api/v1/configmaps?watch=true&resourceVersion=5");
+    store.replace(list, 20);
+    let row = |t: &str, n: &str, rv: &str, app: &str| {
+        (t.to_string(), n.to_string(), rv.to_string(), app.to_string())
+    };
+    assert_eq!(
+        event_summary(&frames(selective, 5).await),
+        [
+            // Stopped matching: its previous state, at the event's version.
+            row("DELETED", "x", "12", "web"),
+            row("ADDED", "z", "13", "web"),
+            row("ADDED", "w", "15", "web"),
+            // Gone: the last known object, at the list's version.
+            row("DELETED", "y", "20", "web"),
+            row("BOOKMARK", "", "20", ""),
+        ]
+    );
+    assert_eq!(
+        event_summary(&frames(everything, 6).await),
+        [
+            row("MODIFIED", "x", "12", "db"),
+            row("MODIFIED", "z", "13", "web"),
+            row("ADDED", "w", "15", "web"),
+            row("ADDED", "v", "16", "db"),
+            row("ADDED", "q", "17", "web"),
+            row("DELETED", "y", "20", "web"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_watch_resuming_from_a_version_a_relist_handed_out_gets_the_rest() {
+    let (store, list) = relisted_store(configmap);
+    store.replace(list, 20);
+    let plan = plan_for(
+        "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=13",
+        None,
+    )
+    .expect("plan");
+    let resumed = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch");
+    let rows: Vec<_> = event_summary(&frames(resumed, 3).await)
+        .into_iter()
+        .map(|(t, n, rv, _)| format!("{t} {n} {rv}"))
+        .collect();
+    assert_eq!(rows, ["ADDED w 15", "ADDED v 16", "DELETED y 20"]);
+}
+
+#[tokio::test]
+async fn protobuf_watches_get_a_relists_deletions_at_the_lists_version() {
+    let (store, list) = relisted_store(pb_configmap);
+    let plan = plan_for(
+        "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=5&labelSelector=app%3Dweb&allowWatchBookmarks=true",
+        Some("application/vnd.kubernetes.protobuf"),
+    )
+    .expect("plan");
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Protobuf,
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch");
+    store.replace(list, 20);
+    let summary: Vec<_> = protobuf_events(response, 5)
+        .await
+        .into_iter()
+        .map(|(kind, meta, _)| format!("{kind} {} {}", meta.name, meta.resource_version))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "DELETED x 12",
+            "ADDED z 13",
+            "ADDED w 15",
+            "DELETED y 20",
+            "BOOKMARK  20"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_stopped_store_ends_its_watches_and_refuses_new_ones() {
+    use futures::StreamExt;
+    let store = store_with(vec![configmap("a", "x", 2, &[])], 5);
+    let plan = plan_for("/api/v1/configmaps?watch=true&resourceVersion=5", None).expect("plan");
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ended.clone();
+    let mut response = watch(
+        plan.clone(),
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &WatchSettings::default(),
+        move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+    )
+    .expect("watch");
+    store.close();
+    let end = tokio::time::timeout(Duration::from_secs(5), response.body_mut().next())
+        .await
+        .expect("the stream ends at once");
+    assert!(end.is_none(), "a clean end, not an error: {end:?}");
+    assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+    let refused = watch(
+        plan,
+        Arc::new(spec(false)),
+        store,
+        Encoding::Json,
+        &WatchSettings::default(),
+        || {},
+    );
+    assert!(matches!(refused, Err(WatchError::Stopped)));
+}
