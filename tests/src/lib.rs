@@ -6,13 +6,14 @@
 //!     │                                            ▼
 //!     └──────────────── direct (admin, alice…) ──▶ kube-apiserver + etcd (tests/cluster/up.sh)
 //!                                                  │
-//!                             AuditMark::wait_count ◀── audit.log (one line per request)
+//!                   AuditMark::count_after_sentinel ◀── audit.log (one line per request)
 //! ```
 //!
 //! * [`cluster`] starts (or reuses) the real API server once per test process.
 //! * [`Kache`] runs the `kache` binary in front of a kubeconfig and stops it on drop.
 //! * [`Kubectl`] runs kubectl with a fresh discovery cache.
-//! * [`AuditMark`] counts the requests that reached the API server after a point in time.
+//! * [`AuditMark`] counts the requests that reached the API server after a point in time;
+//!   a sentinel request of its own proves the log complete before it counts.
 //! * [`TestNamespace`] gives each test its own namespace and removes it afterwards.
 //! * [`Relay`] is a loopback TCP relay that can be cut and restored (upstream failures).
 //! * [`raw`] is a tiny blocking HTTP/1.1 client that sends exactly the bytes it is given.
@@ -283,9 +284,7 @@ pub fn load_cluster_env(env_file: &Path) -> Cluster {
 impl Cluster {
     /// The audit log, to count requests that reached the API server.
     pub fn audit(&self) -> AuditLog {
-        AuditLog {
-            path: self.audit_log.clone(),
-        }
+        AuditLog::new(&self.audit_log, &self.admin_kubeconfig)
     }
 
     /// A kube client talking to the API server directly with the admin client certificate.
@@ -1039,10 +1038,20 @@ impl Drop for TestNamespace {
 
 // --------------------------------------------------------------- audit log ----
 
-/// The API server's audit log (one JSON line per request and stage).
+/// How long a sentinel request may take to show up in the audit log.
+pub const SENTINEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The API server's audit log (one JSON line per request and stage), and the
+/// kubeconfig that sends sentinel requests to that API server.
+///
+/// The API server rotates the file (to `audit-<time>.log` in the same directory)
+/// when it reaches 100 MB, whatever `--audit-log-maxsize` says; an [`AuditMark`]
+/// follows it across rotations.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     path: PathBuf,
+    /// Sends the sentinels of [`AuditMark::entries_after_sentinel`]; `None`: none can be sent.
+    sentinel_kubeconfig: Option<PathBuf>,
 }
 
 /// One finished request as the API server recorded it.
@@ -1057,12 +1066,25 @@ pub struct AuditEvent {
 }
 
 impl AuditLog {
-    /// Remembers the current end of the log; [`AuditMark`] reads what comes after.
+    /// The audit log at `path` of the API server that `admin_kubeconfig` reaches
+    /// (the sentinels are sent with it).
+    pub fn new(path: impl Into<PathBuf>, admin_kubeconfig: impl Into<PathBuf>) -> AuditLog {
+        AuditLog {
+            path: path.into(),
+            sentinel_kubeconfig: Some(admin_kubeconfig.into()),
+        }
+    }
+
+    /// Remembers the current end of the log (the file, by inode, and its length);
+    /// [`AuditMark`] reads what comes after.
     pub fn mark(&self) -> AuditMark {
-        let offset = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let at = std::fs::metadata(&self.path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.len())
+        });
         AuditMark {
-            path: self.path.clone(),
-            offset,
+            log: self.clone(),
+            at,
         }
     }
 }
@@ -1070,8 +1092,9 @@ impl AuditLog {
 /// A point in the audit log.
 #[derive(Debug, Clone)]
 pub struct AuditMark {
-    path: PathBuf,
-    offset: u64,
+    log: AuditLog,
+    /// Inode and length of the log file when marked; `None` when there was none.
+    at: Option<(u64, u64)>,
 }
 
 /// Which audit events to count. Empty fields match anything.
@@ -1117,39 +1140,27 @@ impl AuditFilter {
 }
 
 impl AuditMark {
-    /// Every finished (`ResponseComplete`) request logged after the mark, in order.
-    /// Only complete lines are read. If the log was replaced by a fresh cluster
-    /// (shorter than the mark), it is read from the start.
-    pub fn events(&self) -> Vec<AuditEvent> {
-        let Ok(bytes) = std::fs::read(&self.path) else {
-            return Vec::new();
-        };
-        let start = if (bytes.len() as u64) < self.offset {
-            0
-        } else {
-            self.offset as usize
-        };
-        let tail = &bytes[start..];
-        let complete = match tail.iter().rposition(|b| *b == b'\n') {
-            Some(i) => &tail[..=i],
+    /// Every complete line (any stage) logged after the mark, in order, read across
+    /// rotations: the rest of the marked file, every file rotated after it, then the
+    /// current one. If the marked file is gone (a fresh cluster), or the current file
+    /// is shorter than the mark, the current file is read from its start.
+    pub fn entries(&self) -> Vec<Value> {
+        let bytes = self.bytes_since();
+        let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+            Some(i) => &bytes[..=i],
             None => return Vec::new(),
         };
         complete
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
-            .filter(|v| v["stage"] == "ResponseComplete")
-            .map(|v| AuditEvent {
-                stage: v["stage"].as_str().unwrap_or_default().to_string(),
-                verb: v["verb"].as_str().unwrap_or_default().to_string(),
-                request_uri: v["requestURI"].as_str().unwrap_or_default().to_string(),
-                username: v["user"]["username"].as_str().unwrap_or_default().to_string(),
-                code: v["responseStatus"]["code"]
-                    .as_u64()
-                    .and_then(|c| u16::try_from(c).ok()),
-                user_agent: v["userAgent"].as_str().unwrap_or_default().to_string(),
-            })
             .collect()
+    }
+
+    /// Every finished (`ResponseComplete`) request logged after the mark, in order.
+    /// Only complete lines are read.
+    pub fn events(&self) -> Vec<AuditEvent> {
+        finished_events(&self.entries())
     }
 
     /// The finished requests after the mark that match `filter`.
@@ -1157,19 +1168,171 @@ impl AuditMark {
         self.events().into_iter().filter(|e| filter.matches(e)).collect()
     }
 
-    /// Counts matching requests after the mark, once the log has settled: polls until
-    /// at least `expected` are there (or `timeout` passes), then waits 300 ms more so
-    /// that late extra lines are counted too. Assert on the result with `assert_eq!`.
+    /// The lines after the mark, up to a sentinel: sends a request of its own straight
+    /// to the API server (a GET of a ConfigMap that does not exist, at a URI nobody
+    /// else uses) and waits until its line is in the log. With
+    /// `--audit-log-mode=blocking` lines are written in completion order, so every
+    /// request that completed before the sentinel was sent is then in the log: what
+    /// is not there did not reach the API server. Lines after the sentinel's are left
+    /// out, so repeated calls never count a later request, nor the sentinels.
     ///
-    /// Lines are written after the response is sent, hence the polling.
-    pub fn settled_count(&self, filter: &AuditFilter, expected: usize, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        while self.matching(filter).len() < expected && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+    /// A request still running upstream when the sentinel is sent (an open watch,
+    /// or one that a client gave up on) may be missing: wait for those first.
+    ///
+    /// # Panics
+    /// When the sentinel's line does not appear within [`SENTINEL_TIMEOUT`], or the
+    /// log has no API server to send it to ([`AuditLog::new`]).
+    pub fn entries_after_sentinel(&self) -> Vec<Value> {
+        let kubeconfig = self.log.sentinel_kubeconfig.as_ref().unwrap_or_else(|| {
+            panic!(
+                "no API server to send a sentinel to for {}",
+                self.log.path.display()
+            )
+        });
+        let uri = format!(
+            "/api/v1/namespaces/kache-sentinel/configmaps/{}",
+            unique_name("sentinel")
+        );
+        // A 404 is the expected answer: only its audit line matters.
+        let sent = kubectl(kubeconfig, &["get", "--raw", &uri]);
+        let deadline = Instant::now() + SENTINEL_TIMEOUT;
+        loop {
+            let mut entries = self.entries();
+            let sentinel = entries
+                .iter()
+                .position(|e| e["stage"] == "ResponseComplete" && e["requestURI"] == uri.as_str());
+            if let Some(i) = sentinel {
+                entries.truncate(i);
+                return entries;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel GET {uri} did not reach the audit log {} within {SENTINEL_TIMEOUT:?}; kubectl: {}",
+                self.log.path.display(),
+                sent.stderr.trim()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(300));
-        self.matching(filter).len()
     }
+
+    /// The finished requests after the mark and before a sentinel (see
+    /// [`AuditMark::entries_after_sentinel`]).
+    pub fn events_after_sentinel(&self) -> Vec<AuditEvent> {
+        finished_events(&self.entries_after_sentinel())
+    }
+
+    /// The finished requests matching `filter` after the mark and before a sentinel
+    /// (see [`AuditMark::entries_after_sentinel`]).
+    pub fn matching_after_sentinel(&self, filter: &AuditFilter) -> Vec<AuditEvent> {
+        self.events_after_sentinel()
+            .into_iter()
+            .filter(|e| filter.matches(e))
+            .collect()
+    }
+
+    /// How many finished requests matching `filter` reached the API server after the
+    /// mark, counted once a sentinel's line is in the log (see
+    /// [`AuditMark::entries_after_sentinel`]). Assert on it with `assert_eq!`.
+    pub fn count_after_sentinel(&self, filter: &AuditFilter) -> usize {
+        self.matching_after_sentinel(filter).len()
+    }
+
+    /// The bytes logged after the mark, across rotations (see [`AuditMark::entries`]).
+    fn bytes_since(&self) -> Vec<u8> {
+        use std::os::unix::fs::MetadataExt;
+        // The current file is opened first: if it is rotated after that, it is read
+        // through this handle and not again among the rotated ones.
+        let mut current = std::fs::File::open(&self.log.path).ok();
+        let current_at = current
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.ino(), m.len()));
+        let mut out = Vec::new();
+        let from = match (self.at, current_at) {
+            (None, _) => 0,
+            // Shorter than the mark: truncated in place, read it all.
+            (Some((ino, offset)), Some((now, len))) if ino == now => {
+                if len < offset {
+                    0
+                } else {
+                    offset
+                }
+            }
+            (Some((ino, offset)), _) => {
+                let rotated = self.rotated_files();
+                // Not among them: a fresh log (a new cluster), read from its start.
+                let first = rotated.iter().position(|(_, i)| *i == ino);
+                for (k, (path, i)) in rotated[first.unwrap_or(rotated.len())..].iter().enumerate() {
+                    if current_at.is_some_and(|(now, _)| now == *i) {
+                        break;
+                    }
+                    if let Ok(mut f) = std::fs::File::open(path) {
+                        read_from(&mut f, if k == 0 { offset } else { 0 }, &mut out);
+                        if out.last().is_some_and(|b| *b != b'\n') {
+                            out.push(b'\n');
+                        }
+                    }
+                }
+                0
+            }
+        };
+        if let Some(f) = current.as_mut() {
+            read_from(f, from, &mut out);
+        }
+        out
+    }
+
+    /// The rotated logs beside the log (`<stem>-<time>.<ext>`), oldest first (the
+    /// time in the name sorts), with their inodes.
+    fn rotated_files(&self) -> Vec<(PathBuf, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.log.path;
+        let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
+            return Vec::new();
+        };
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        let (prefix, suffix) = (format!("{stem}-"), format!(".{ext}"));
+        let Ok(read_dir) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut rotated: Vec<(PathBuf, u64)> = read_dir
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(&suffix))
+            })
+            .filter_map(|e| Some((e.path(), e.metadata().ok()?.ino())))
+            .collect();
+        rotated.sort();
+        rotated
+    }
+}
+
+/// Appends everything in `file` from `offset` on to `out` (nothing if it is shorter).
+fn read_from(file: &mut std::fs::File, offset: u64, out: &mut Vec<u8>) {
+    use std::io::{Seek, SeekFrom};
+    if file.seek(SeekFrom::Start(offset)).is_ok() {
+        let _ = file.read_to_end(out);
+    }
+}
+
+/// The `ResponseComplete` lines among `entries`, as events.
+fn finished_events(entries: &[Value]) -> Vec<AuditEvent> {
+    entries
+        .iter()
+        .filter(|v| v["stage"] == "ResponseComplete")
+        .map(|v| AuditEvent {
+            stage: v["stage"].as_str().unwrap_or_default().to_string(),
+            verb: v["verb"].as_str().unwrap_or_default().to_string(),
+            request_uri: v["requestURI"].as_str().unwrap_or_default().to_string(),
+            username: v["user"]["username"].as_str().unwrap_or_default().to_string(),
+            code: v["responseStatus"]["code"]
+                .as_u64()
+                .and_then(|c| u16::try_from(c).ok()),
+            user_agent: v["userAgent"].as_str().unwrap_or_default().to_string(),
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------- relay ----
@@ -1506,5 +1669,101 @@ pub fn normalize_object(obj: &mut Value, name: &str) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An audit line of a finished GET of `/n/<n>`.
+    fn line(n: usize) -> String {
+        format!(
+            "{{\"stage\":\"ResponseComplete\",\"verb\":\"get\",\"requestURI\":\"/n/{n}\",\"user\":{{\"username\":\"u\"}}}}\n"
+        )
+    }
+
+    fn append(path: &Path, lines: impl IntoIterator<Item = usize>) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        for n in lines {
+            f.write_all(line(n).as_bytes()).unwrap();
+        }
+    }
+
+    fn numbers(mark: &AuditMark) -> Vec<usize> {
+        mark.events()
+            .iter()
+            .map(|e| e.request_uri.trim_start_matches("/n/").parse().unwrap())
+            .collect()
+    }
+
+    fn log_at(path: &Path) -> AuditLog {
+        AuditLog {
+            path: path.to_path_buf(),
+            sentinel_kubeconfig: None,
+        }
+    }
+
+    #[test]
+    fn audit_mark_finds_every_event_after_it_exactly_once_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // A rotation from before the mark, which must not be read.
+        append(&dir.path().join("audit-2026-01-01T00-00-00.000.log"), 900..905);
+        append(&path, 0..3);
+        let mark = log_at(&path).mark();
+        append(&path, 3..6);
+        assert_eq!(numbers(&mark), (3..6).collect::<Vec<_>>());
+
+        // Rotated as the API server does: renamed, then a new file.
+        std::fs::rename(&path, dir.path().join("audit-2026-01-02T00-00-00.000.log")).unwrap();
+        assert_eq!(
+            numbers(&mark),
+            (3..6).collect::<Vec<_>>(),
+            "between the rename and the new file"
+        );
+        append(&path, 6..9);
+        assert_eq!(numbers(&mark), (3..9).collect::<Vec<_>>());
+
+        // Twice: the files rotated after the mark are read in the order of their names.
+        std::fs::rename(&path, dir.path().join("audit-2026-01-03T00-00-00.000.log")).unwrap();
+        append(&path, 9..11);
+        assert_eq!(numbers(&mark), (3..11).collect::<Vec<_>>());
+
+        // A mark taken after a rotation reads only the current file.
+        let later = log_at(&path).mark();
+        append(&path, 11..12);
+        assert_eq!(numbers(&later), [11]);
+    }
+
+    #[test]
+    fn audit_mark_reads_a_replaced_log_from_its_start_and_only_complete_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        append(&path, 0..5);
+        let mark = log_at(&path).mark();
+        // A fresh cluster: the old file removed, a new one started.
+        std::fs::remove_file(&path).unwrap();
+        append(&path, 0..2);
+        let partial = line(2);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&partial.as_bytes()[..10]).unwrap();
+        assert_eq!(numbers(&mark), [0, 1], "the partial line is not read");
+        f.write_all(&partial.as_bytes()[10..]).unwrap();
+        assert_eq!(numbers(&mark), [0, 1, 2]);
+    }
+
+    #[test]
+    fn audit_mark_of_a_log_that_did_not_exist_reads_it_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mark = log_at(&path).mark();
+        assert!(mark.events().is_empty());
+        append(&path, 0..2);
+        assert_eq!(numbers(&mark), [0, 1]);
     }
 }

@@ -234,22 +234,13 @@ fn is_discovery_uri(uri: &str) -> bool {
     )
 }
 
-/// The discovery requests `user` made after `mark`, once the log has settled:
-/// waits for at least `expected` (or [`AUDIT_TIMEOUT`]), then 300 ms more so
-/// that late extra lines are counted too.
-fn settled_discovery(mark: &AuditMark, user: &str, expected: usize) -> Vec<AuditEvent> {
-    let matching = || -> Vec<AuditEvent> {
-        mark.events()
-            .into_iter()
-            .filter(|e| e.username == user && is_discovery_uri(&e.request_uri))
-            .collect()
-    };
-    let deadline = Instant::now() + AUDIT_TIMEOUT;
-    while matching().len() < expected && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    matching()
+/// The discovery requests `user` made after `mark`, counted once a sentinel
+/// request shows the audit log complete.
+fn settled_discovery(mark: &AuditMark, user: &str) -> Vec<AuditEvent> {
+    mark.events_after_sentinel()
+        .into_iter()
+        .filter(|e| e.username == user && is_discovery_uri(&e.request_uri))
+        .collect()
 }
 
 fn uris(events: &[AuditEvent]) -> Vec<String> {
@@ -441,7 +432,7 @@ fn second_kubectl_round_through_kache_costs_no_discovery_upstream_and_prints_wha
             .map(|args| kubectl(&c.admin_kubeconfig, args).ok())
             .collect();
         let mut rounds: Vec<(Vec<Output>, Vec<AuditEvent>, Duration)> = Vec::new();
-        for round in 0..2 {
+        for _ in 0..2 {
             let mark = c.audit().mark();
             let started = Instant::now();
             let outputs: Vec<Output> = commands
@@ -449,8 +440,8 @@ fn second_kubectl_round_through_kache_costs_no_discovery_upstream_and_prints_wha
                 .map(|args| kubectl(kache.kubeconfig(), args))
                 .collect();
             let took = started.elapsed();
-            // Settled before the next round's mark, so no late line crosses over.
-            let events = settled_discovery(&mark, &id.user, usize::from(round == 0));
+            // Counted up to a sentinel sent before the next round's mark.
+            let events = settled_discovery(&mark, &id.user);
             rounds.push((outputs, events, took));
         }
         (direct, rounds)
@@ -733,9 +724,9 @@ fn discovery_answers_are_keyed_by_accept_and_equal_direct_bytes_and_content_type
                 .collect()
         };
         let first = ask();
-        let upstream_first = settled_discovery(&mark, &id.user, cases.len());
+        let upstream_first = settled_discovery(&mark, &id.user);
         let second = ask();
-        let upstream_second = settled_discovery(&mark, &id.user, cases.len());
+        let upstream_second = settled_discovery(&mark, &id.user);
         let directs: Vec<Answer> = cases
             .iter()
             .map(|(p, accept)| direct(p, &[("Accept", accept)]))
@@ -830,7 +821,7 @@ fn openapi_etag_and_if_none_match_behave_as_direct() {
             .iter()
             .map(|(inm, _)| via(kache, "/openapi/v2", &[accept, ("If-None-Match", inm)]))
             .collect();
-        let upstream = settled_discovery(&mark, &id.user, 1);
+        let upstream = settled_discovery(&mark, &id.user);
         (d, d_conditional, first, plain, v_conditional, upstream)
     });
 
@@ -909,7 +900,7 @@ fn discovery_errors_are_passed_through_and_never_cached() {
             );
         }
     }
-    let upstream = settled_discovery(&mark, &id.user, 2 * paths.len());
+    let upstream = settled_discovery(&mark, &id.user);
     for p in paths {
         let codes: Vec<Option<u16>> = upstream
             .iter()
@@ -952,8 +943,7 @@ fn discovery_metrics_count_hits_and_misses_per_kind() {
                 via(kache, p, &[("Accept", "application/json")]);
             }
         }
-        let misses: f64 = plan.iter().map(|(.., m)| m).sum();
-        let upstream = settled_discovery(&mark, &id.user, misses as usize);
+        let upstream = settled_discovery(&mark, &id.user);
         (before, kache.metrics(), upstream)
     });
 

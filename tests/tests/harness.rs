@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns (STYLE.md)
 
-use std::time::Duration;
-
 use kache_tests::{
-    client_from_kubeconfig, cluster, kubeconfig_with_server, kubectl, raw, without_age_column, AuditFilter,
-    Relay, TestNamespace,
+    client_from_kubeconfig, cluster, kubeconfig_with_server, kubectl, raw, without_age_column, AuditEvent,
+    AuditFilter, Relay, TestNamespace,
 };
 
 #[test]
@@ -17,15 +15,45 @@ fn audit_mark_counts_exactly_the_requests_made_after_it() {
     let path = format!("/api/v1/namespaces/{}", ns.name());
     let gets = AuditFilter::new().user("admin").verb("get").uri(&path);
     let mark = c.audit().mark();
-    assert_eq!(mark.matching(&gets).len(), 0);
+    assert_eq!(mark.count_after_sentinel(&gets), 0);
     for _ in 0..3 {
         kubectl(&c.admin_kubeconfig, &["get", "--raw", &path]).ok();
     }
-    assert_eq!(mark.settled_count(&gets, 3, Duration::from_secs(10)), 3);
+    assert_eq!(mark.count_after_sentinel(&gets), 3);
     let later = c.audit().mark();
     kubectl(&c.admin_kubeconfig, &["get", "--raw", &path]).ok();
-    assert_eq!(later.settled_count(&gets, 1, Duration::from_secs(10)), 1);
-    assert_eq!(mark.matching(&gets).len(), 4);
+    assert_eq!(later.count_after_sentinel(&gets), 1);
+    assert_eq!(mark.count_after_sentinel(&gets), 4);
+}
+
+#[test]
+fn counting_after_a_sentinel_stops_just_before_it() {
+    let c = cluster();
+    let ns = TestNamespace::create("harness-sentinel");
+    let path = format!("/api/v1/namespaces/{}", ns.name());
+    let gets = AuditFilter::new().user("admin").verb("get").uri(&path);
+    let mark = c.audit().mark();
+    kubectl(&c.admin_kubeconfig, &["get", "--raw", &path]).ok();
+    let first = mark.events_after_sentinel();
+    kubectl(&c.admin_kubeconfig, &["get", "--raw", &path]).ok();
+    let second = mark.events_after_sentinel();
+    let everything = mark.events();
+    let count = |events: &[AuditEvent]| events.iter().filter(|e| gets.matches(e)).count();
+    assert_eq!((count(&first), count(&second)), (1, 2));
+    // The log only grows: each answer is a prefix of what came later, cut just
+    // before its own sentinel (other tests' sentinels may come anywhere).
+    for (answer, later) in [(&first, &second), (&second, &everything)] {
+        assert_eq!(answer[..], later[..answer.len()]);
+        let sentinel = &later[answer.len()];
+        assert!(
+            sentinel.username == "admin"
+                && sentinel.code == Some(404)
+                && sentinel
+                    .request_uri
+                    .starts_with("/api/v1/namespaces/kache-sentinel/configmaps/"),
+            "not a sentinel: {sentinel:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -43,18 +43,13 @@ fn unreachable_upstream_gets_503_status_and_kache_recovers_when_it_returns() {
 
     let port = relay.stop();
     for attempt in 0..3 {
-        let started = Instant::now();
+        // A hang would end in the raw client's timeout, an error here.
         let r = raw::get(kache.addr(), path).unwrap();
         assert_eq!(
             r.status,
             503,
             "attempt {attempt} with the upstream down: {}",
             r.text()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "a refused connection took {:?}",
-            started.elapsed()
         );
         assert!(
             r.header("retry-after").is_some(),
