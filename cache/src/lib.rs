@@ -13,6 +13,9 @@
 //!
 //!   resources::Cache ── one store + reflector per (resource, encoding) ──► reads::list / get / watch
 //!     (JSON always; protobuf for built-ins read in protobuf: protobuf.rs frames the bytes)
+//!        │ saves synced stores / restores them at start (WATCH from the saved version, no LIST)
+//!        ▼
+//!   snapshot ── one file per store, stamped with the cluster's identity and resourceVersion
 //!
 //!   rbac::Rbac ◄── watches Roles, ClusterRoles and their bindings ── allows(user, attributes)
 //! ```

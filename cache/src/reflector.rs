@@ -13,6 +13,11 @@
 //!                           store's version; relist if it is gone
 //! ```
 //!
+//! A store restored from a snapshot ([`resume`]) skips the first LIST and
+//! starts at the WATCH, from the snapshot's version; it counts as synced only
+//! once that watch is established (see [`ESTABLISH_GRACE`]). A failed
+//! consistency check (`Store::request_relist`) ends the watch and relists.
+//!
 //! Watches served from the store outlive all of this: they stay open while
 //! the reflector reconnects and go on after a relist (see [`crate::store`]).
 //!
@@ -166,25 +171,60 @@ pub async fn run(
     config: ReflectorConfig,
     encoding: Encoding,
 ) {
+    follow(client, spec, store, config, encoding, false).await;
+}
+
+/// [`run`] for a store restored from a snapshot (`Store::restore`): it
+/// starts with a WATCH from the store's version instead of a LIST, and lists
+/// only if that version is gone (`410`). The store stays unsynced until the
+/// watch is established (see [`ESTABLISH_GRACE`]).
+pub async fn resume(
+    client: Arc<dyn ApiClient>,
+    spec: Arc<ResourceSpec>,
+    store: Arc<Store>,
+    config: ReflectorConfig,
+    encoding: Encoding,
+) {
+    follow(client, spec, store, config, encoding, true).await;
+}
+
+async fn follow(
+    client: Arc<dyn ApiClient>,
+    spec: Arc<ResourceSpec>,
+    store: Arc<Store>,
+    config: ReflectorConfig,
+    encoding: Encoding,
+    mut resuming: bool,
+) {
     let mut backoff = config.min_backoff;
     loop {
-        match list(client.as_ref(), &spec, encoding).await {
-            Ok((objects, resource_version)) => {
-                tracing::debug!(resource = %spec.qualified_resource(), objects = objects.len(), resource_version, "listed");
-                store.replace(objects, resource_version);
-                backoff = config.min_backoff;
-            }
-            Err(error) => {
-                tracing::warn!(resource = %spec.qualified_resource(), %error, "list failed");
-                store.mark_unsynced();
-                tokio::time::sleep(jittered(backoff)).await;
-                backoff = (backoff * 2).min(config.max_backoff);
-                continue;
+        if !resuming {
+            match list(client.as_ref(), &spec, encoding).await {
+                Ok((objects, resource_version)) => {
+                    tracing::debug!(resource = %spec.qualified_resource(), objects = objects.len(), resource_version, "listed");
+                    store.replace(objects, resource_version);
+                    backoff = config.min_backoff;
+                }
+                Err(error) => {
+                    tracing::warn!(resource = %spec.qualified_resource(), %error, "list failed");
+                    store.mark_unsynced();
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(config.max_backoff);
+                    continue;
+                }
             }
         }
-        // Watch from the store's version until it is gone.
+        resuming = false;
+        // Watch from the store's version until it is gone (or a relist is asked for).
         loop {
-            match watch(client.as_ref(), &spec, &store, &config, encoding).await {
+            let end = tokio::select! {
+                end = watch(client.as_ref(), &spec, &store, &config, encoding) => end,
+                () = store.relist_requested() => {
+                    tracing::info!(resource = %spec.qualified_resource(), encoding = encoding.as_str(), "relisting on request");
+                    WatchEnd::Expired
+                }
+            };
+            match end {
                 WatchEnd::Renew => {
                     store.mark_synced();
                     backoff = config.min_backoff;
@@ -200,6 +240,14 @@ pub async fn run(
         }
     }
 }
+
+/// How long a watch that answered `200` must stay quiet, or deliver a first
+/// event, before the store counts as synced. The v1.20 API server answers a
+/// watch from a version it no longer has with `200` and then, at once, an
+/// ERROR event with code 410 (`cacher.go`, `newErrWatcher`): trusting the
+/// `200` alone would let a store restored from an outdated snapshot answer
+/// for a moment.
+pub const ESTABLISH_GRACE: Duration = Duration::from_millis(500);
 
 /// Between half and all of `backoff`, so that the reflectors of many
 /// resources, cut off together, do not come back in step.
@@ -338,13 +386,30 @@ async fn watch(
         Err(error) => return WatchEnd::Failed(error),
     };
     match response.status() {
-        StatusCode::OK => store.mark_synced(),
+        StatusCode::OK => {}
         StatusCode::GONE => return WatchEnd::Expired,
         status => return WatchEnd::Failed(FetchError(format!("WATCH answered {status}"))),
     }
     let mut body = response.into_body();
     let mut buffer: Vec<u8> = Vec::new();
-    while let Some(chunk) = body.next().await {
+    // Synced after the first whole event, or a quiet grace period: see ESTABLISH_GRACE.
+    let mut established = false;
+    let grace = tokio::time::sleep(ESTABLISH_GRACE);
+    tokio::pin!(grace);
+    loop {
+        let chunk = if established {
+            body.next().await
+        } else {
+            tokio::select! {
+                chunk = body.next() => chunk,
+                () = &mut grace => {
+                    established = true;
+                    store.mark_synced();
+                    continue;
+                }
+            }
+        };
+        let Some(chunk) = chunk else { break };
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(error) => return WatchEnd::Failed(error),
@@ -375,6 +440,10 @@ async fn watch(
                 consumed
             }
         };
+        if consumed > 0 && !established {
+            established = true;
+            store.mark_synced();
+        }
         buffer.drain(..consumed);
     }
     WatchEnd::Renew

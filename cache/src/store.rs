@@ -352,6 +352,10 @@ struct State {
     /// The object of the API server's last BOOKMARK (protobuf stores: the
     /// type's empty message, see [`crate::protobuf::bookmark_object`]).
     bookmark: Option<Bytes>,
+    /// The last instant the store was known to be in sync with the API
+    /// server (a list, an established watch, an event or a bookmark; frozen
+    /// when the watch fails). `None` until it first synced.
+    in_sync_at: Option<std::time::Instant>,
 }
 
 /// One resource's cached state. Readers hold an `Arc<Store>`.
@@ -361,6 +365,8 @@ pub struct Store {
     version: watch::Sender<u64>,
     window: usize,
     backlog: usize,
+    /// Asks the reflector to list again (a failed consistency check).
+    relist: tokio::sync::Notify,
 }
 
 /// A point-in-time view for a LIST.
@@ -390,6 +396,7 @@ impl Store {
             version,
             window: window.max(1),
             backlog: backlog.max(1),
+            relist: tokio::sync::Notify::new(),
         }
     }
 
@@ -449,6 +456,7 @@ impl Store {
                 state.bytes = bytes;
                 state.resource_version = resource_version;
                 state.synced = !state.closed;
+                state.in_sync_at = Some(std::time::Instant::now());
                 for event in &events {
                     state.events.push_back(event.clone());
                 }
@@ -480,9 +488,65 @@ impl Store {
             closed,
             bytes,
             bookmark,
+            in_sync_at: Some(std::time::Instant::now()),
         };
         drop(state);
         self.version.send_replace(resource_version);
+    }
+
+    /// Fills an empty store with `objects` at `resource_version` from a
+    /// snapshot saved by an earlier run, *unsynced*: it answers nothing and
+    /// its version is not published to [`Store::wait_for`] until its
+    /// reflector has resumed watching from that version ([`Store::mark_synced`]).
+    /// Its first list, if the version turns out gone, is told to watchers as
+    /// events like any relist (there are none yet: reads are forwarded).
+    pub(crate) fn restore(&self, objects: Vec<Object>, resource_version: u64) {
+        let mut map = BTreeMap::new();
+        let mut bytes = 0;
+        for object in objects {
+            bytes += object.size();
+            map.insert(object.key(), Arc::new(object));
+        }
+        let mut state = self.write();
+        if state.listed || state.closed {
+            return;
+        }
+        *state = State {
+            objects: map,
+            resource_version,
+            events: VecDeque::new(),
+            window_start: resource_version,
+            synced: false,
+            listed: true,
+            closed: false,
+            bytes,
+            bookmark: None,
+            in_sync_at: None,
+        };
+    }
+
+    /// How far behind the API server the store may be: zero while synced,
+    /// the time since it was last known in sync otherwise; `None` if it never
+    /// synced (a store restored from a snapshot, until its watch resumed).
+    pub fn staleness(&self) -> Option<Duration> {
+        let state = self.read();
+        match (state.synced, state.in_sync_at) {
+            (_, None) => None,
+            (true, Some(_)) => Some(Duration::ZERO),
+            (false, Some(at)) => Some(at.elapsed()),
+        }
+    }
+
+    /// Asks the reflector to list again (its watchers are told the
+    /// differences, or end; see the module's doc).
+    pub(crate) fn request_relist(&self) {
+        self.relist.notify_one();
+    }
+
+    /// Resolves when [`Store::request_relist`] was called (at most once per
+    /// request, even if it was called before this waited).
+    pub(crate) async fn relist_requested(&self) {
+        self.relist.notified().await;
     }
 
     /// Drops the oldest events beyond the window.
@@ -545,6 +609,9 @@ impl Store {
             resource_version,
         });
         state.resource_version = resource_version;
+        if state.synced {
+            state.in_sync_at = Some(std::time::Instant::now());
+        }
         state.events.push_back(event.clone());
         self.trim(&mut state);
         let _ = self.notices.send(Notice::Event(event));
@@ -555,6 +622,9 @@ impl Store {
     /// Moves the store's version forward without a change (a BOOKMARK).
     pub(crate) fn progress(&self, resource_version: u64) {
         let mut state = self.write();
+        if state.synced {
+            state.in_sync_at = Some(std::time::Instant::now());
+        }
         if resource_version <= state.resource_version {
             return;
         }
@@ -582,14 +652,29 @@ impl Store {
     /// from the store's version (nothing was missed).
     pub(crate) fn mark_synced(&self) {
         let mut state = self.write();
+        let was_synced = state.synced;
         state.synced = state.listed && !state.closed;
+        if state.synced {
+            state.in_sync_at = Some(std::time::Instant::now());
+        }
+        let first = state.synced && !was_synced && *self.version.borrow() < state.resource_version;
+        let resource_version = state.resource_version;
+        drop(state);
+        if first {
+            // A restored store's version, published once it is confirmed.
+            self.version.send_replace(resource_version);
+        }
     }
 
     /// Marks the store unsynced (its reflector lost the upstream): readers
     /// forward until it has resynced. Its watchers stay open meanwhile (until
     /// their own timeouts) and resume with the events that follow.
     pub(crate) fn mark_unsynced(&self) {
-        self.write().synced = false;
+        let mut state = self.write();
+        if state.synced {
+            state.in_sync_at = Some(std::time::Instant::now());
+        }
+        state.synced = false;
     }
 
     /// Every object, in (namespace, name) order, that `keep` accepts,

@@ -64,6 +64,18 @@ pub struct FileCache {
     pub bookmark_interval_seconds: Option<u64>,
     #[serde(default)]
     pub preload: Vec<String>,
+    /// Save stores to `<stateDir>/snapshots` to start warm (default true).
+    pub snapshots: Option<bool>,
+    pub snapshot_interval_seconds: Option<u64>,
+    pub serve_stale: Option<FileServeStale>,
+    /// 0 turns the check off.
+    pub consistency_check_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileServeStale {
+    pub max_staleness_seconds: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -103,7 +103,25 @@ pub struct CacheConfig {
     /// Resources cached from the start and kept cached, as
     /// `(group, version, resource)`; the core group is empty.
     pub preload: Vec<(String, String, String)>,
+    /// Where stores are saved, to start warm; `None`: no snapshots.
+    pub snapshot_dir: Option<std::path::PathBuf>,
+    /// How often each store is saved (and always at shutdown).
+    pub snapshot_interval: Duration,
+    /// Answer reads from memory when the API server cannot, at most this far
+    /// behind it; `None`: never (the default).
+    pub serve_stale: Option<Duration>,
+    /// How often each store is compared with the API server's own list at
+    /// the store's version (jittered); `None`: never.
+    pub consistency_check: Option<Duration>,
 }
+
+/// Stores are saved this often, so a crash loses at most this much of the
+/// window a warm start can resume from (the API server keeps ~5 minutes of
+/// etcd history by default).
+pub const DEFAULT_CACHE_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(60);
+/// The API server's own watch-cache consistency check (KEP-4988) runs
+/// every few minutes; ten keeps the extra LISTs negligible.
+pub const DEFAULT_CACHE_CONSISTENCY_CHECK: Duration = Duration::from_secs(600);
 
 /// A first list of a typical resource takes well under a second; a read
 /// should not wait much longer than forwarding it would take.
@@ -135,6 +153,10 @@ impl Default for CacheConfig {
             watcher_backlog: DEFAULT_CACHE_WATCHER_BACKLOG,
             bookmark_interval: DEFAULT_CACHE_BOOKMARK_INTERVAL,
             preload: Vec::new(),
+            snapshot_dir: None,
+            snapshot_interval: DEFAULT_CACHE_SNAPSHOT_INTERVAL,
+            serve_stale: None,
+            consistency_check: Some(DEFAULT_CACHE_CONSISTENCY_CHECK),
         }
     }
 }
@@ -369,7 +391,30 @@ impl Config {
                     }
                 })
                 .collect(),
+            snapshot_dir: match c.snapshots {
+                Some(false) => None,
+                _ => Some(
+                    args.state_dir
+                        .clone()
+                        .or(file.state_dir.clone())
+                        .unwrap_or_else(default_state_dir)
+                        .join("snapshots"),
+                ),
+            },
+            snapshot_interval: secs(c.snapshot_interval_seconds, DEFAULT_CACHE_SNAPSHOT_INTERVAL),
+            serve_stale: c
+                .serve_stale
+                .as_ref()
+                .map(|stale| Duration::from_secs(stale.max_staleness_seconds)),
+            consistency_check: match c.consistency_check_seconds {
+                Some(0) => None,
+                Some(seconds) => Some(Duration::from_secs(seconds)),
+                None => Some(DEFAULT_CACHE_CONSISTENCY_CHECK),
+            },
         };
+        if cache.serve_stale.is_some_and(|d| d.is_zero()) {
+            errors.push("cache.serveStale.maxStalenessSeconds must be at least 1".into());
+        }
         for (name, value) in [
             ("cache.eventWindow", cache.event_window),
             ("cache.watcherBacklog", cache.watcher_backlog),
@@ -382,6 +427,7 @@ impl Config {
             ("cache.syncTimeoutSeconds", cache.sync_timeout),
             ("cache.idleTimeoutSeconds", cache.idle_timeout),
             ("cache.bookmarkIntervalSeconds", cache.bookmark_interval),
+            ("cache.snapshotIntervalSeconds", cache.snapshot_interval),
             ("discovery.maxAgeSeconds", discovery.max_age),
             ("headerReadTimeoutSeconds", header_read_timeout),
             ("upstream.timeoutSeconds", timeout),
@@ -610,6 +656,28 @@ mod tests {
         let file: FileConfig = serde_yaml::from_str("cache: {preload: [pods, a//b]}\n").expect("valid yaml");
         let err = Config::merge(&serve(&[]), file).expect_err("invalid");
         assert_eq!(err.0.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn snapshots_serve_stale_and_consistency_checks_are_configured_in_the_cache_section() {
+        let config = Config::merge(&serve(&["--state-dir", "/s"]), FileConfig::default()).expect("valid");
+        assert_eq!(config.cache.snapshot_dir, Some(PathBuf::from("/s/snapshots")));
+        assert_eq!(config.cache.serve_stale, None, "serving stale is opt-in");
+        assert_eq!(
+            config.cache.consistency_check,
+            Some(DEFAULT_CACHE_CONSISTENCY_CHECK)
+        );
+        let file: FileConfig = serde_yaml::from_str(
+            "cache: {snapshots: false, serveStale: {maxStalenessSeconds: 120}, consistencyCheckSeconds: 0}\n",
+        )
+        .expect("valid yaml");
+        let config = Config::merge(&serve(&[]), file).expect("valid");
+        assert_eq!(config.cache.snapshot_dir, None);
+        assert_eq!(config.cache.serve_stale, Some(Duration::from_secs(120)));
+        assert_eq!(config.cache.consistency_check, None, "0 turns the check off");
+        let file: FileConfig =
+            serde_yaml::from_str("cache: {serveStale: {maxStalenessSeconds: 0}}\n").expect("valid yaml");
+        assert!(Config::merge(&serve(&[]), file).is_err());
     }
 
     #[test]

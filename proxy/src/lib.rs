@@ -74,6 +74,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     limiter: Arc<Limiter>,
+    cache: Cache,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -86,12 +87,14 @@ impl Running {
         tracing::info!("limits reloaded");
     }
 
-    /// Stops accepting, lets in-flight requests finish (bounded), and returns.
+    /// Stops accepting, ends watches, lets other in-flight requests finish
+    /// (bounded), saves the stores' snapshots (when configured), and returns.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
         for task in self.tasks {
             let _ = task.await;
         }
+        self.cache.save_snapshots().await;
     }
 }
 
@@ -186,6 +189,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         upstream: upstream.clone(),
         metrics: metrics.clone(),
         max_request_body_bytes: config.listener.max_request_body_bytes,
+        serve_stale: config.cache.serve_stale,
         shutdown: shutdown_rx.clone(),
     }));
     let main = server::serve(
@@ -225,9 +229,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.extend([
         tokio::spawn(main),
         tokio::spawn(admin),
-        tokio::spawn(probe_until_ready(upstream, metrics.clone(), shutdown_rx.clone())),
+        tokio::spawn(probe_until_ready(upstream.clone(), metrics.clone(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(discovery.run(), shutdown_rx.clone())),
-        tokio::spawn(until_shutdown(cache.clone().run_preload(), shutdown_rx.clone())),
+        // Snapshots are stamped with the cluster's identity, so a state
+        // directory moved to another cluster is never served; the warm start
+        // (in run_preload) needs it first.
+        tokio::spawn(until_shutdown(
+            {
+                let cache = cache.clone();
+                let api_client = api_client.clone();
+                let url = upstream.url().to_string();
+                let snapshots = config.cache.snapshot_dir.is_some();
+                async move {
+                    if snapshots {
+                        match kache_cache::resources::cluster_identity(api_client.as_ref()).await {
+                            Ok(uid) => cache.enable_snapshots(url, uid),
+                            Err(error) => {
+                                tracing::warn!(%error, "cannot learn the cluster's identity: no snapshots this run")
+                            }
+                        }
+                    }
+                    tokio::join!(cache.clone().run_preload(), cache.run_snapshots());
+                }
+            },
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(until_shutdown(cache.clone().run_consistency_checks(), shutdown_rx.clone())),
         tokio::spawn(until_shutdown(cache.clone().run_janitor(), shutdown_rx)),
     ]);
     Ok(Running {
@@ -235,6 +262,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_addr,
         metrics,
         limiter,
+        cache,
         shutdown,
         tasks,
     })

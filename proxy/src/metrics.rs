@@ -115,6 +115,9 @@ pub struct Metrics {
     /// Time to response headers: for watches and upgrades, the time to start streaming.
     pub duration: Family<VerbLabels, Histogram>,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Reads answered from memory because the API server could not answer
+    /// them (`cache.serveStale`), by why it could not.
+    pub stale_answers: Family<ErrorLabels, Counter>,
     pub in_flight: Gauge,
     pub upstream_ready: Gauge,
     ready: AtomicBool,
@@ -146,6 +149,13 @@ impl Metrics {
         );
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register("errors", "kache's own error answers, by kind", errors.clone());
+        let stale_answers = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "stale_answers",
+            "Reads the API server could not answer, answered from memory (cache.serveStale), by why \
+             (unreachable, timeout, failed, throttled, server_error)",
+            stale_answers.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "http_requests_in_flight",
@@ -163,6 +173,7 @@ impl Metrics {
             requests,
             duration,
             errors,
+            stale_answers,
             in_flight,
             upstream_ready,
             ready: AtomicBool::new(false),

@@ -56,6 +56,7 @@ pub struct Pipeline {
     upstream: Upstream,
     metrics: Arc<Metrics>,
     max_request_body_bytes: u64,
+    serve_stale: Option<std::time::Duration>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -82,6 +83,9 @@ pub struct Stages {
     pub metrics: Arc<Metrics>,
     /// The API server's limit on a write's body (`413` above it).
     pub max_request_body_bytes: u64,
+    /// Reads the API server cannot answer are answered from memory at most
+    /// this far behind it (`cache.serveStale`); `None`: never.
+    pub serve_stale: Option<std::time::Duration>,
     /// Turns true when kache shuts down: long-running answers end then.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -99,6 +103,7 @@ impl Pipeline {
             upstream,
             metrics,
             max_request_body_bytes,
+            serve_stale,
             shutdown,
         } = stages;
         Pipeline {
@@ -112,6 +117,7 @@ impl Pipeline {
             upstream,
             metrics,
             max_request_body_bytes,
+            serve_stale,
             shutdown,
         }
     }
@@ -214,6 +220,13 @@ impl Pipeline {
                 body: body_limit,
             },
         };
+        // A read the API server may fail to answer, kept to answer it from
+        // memory then (opt-in, and only for callers memory may answer).
+        let stale_candidate = (self.serve_stale.is_some()
+            && caller.memory
+            && info.is_resource_request
+            && matches!(info.verb(), Verb::Get | Verb::List))
+        .then(|| (request.uri().clone(), request.headers().clone()));
         // The caller's own credentials go over a connection without kache's.
         let upstream = match (&caller.upstream, &self.shared) {
             (UpstreamAs::Client, Some(shared)) => &shared.bare_upstream,
@@ -259,6 +272,14 @@ impl Pipeline {
                 ("forwarded", result.map_err(Shared::Owned))
             }
         };
+        if let Some((uri, headers)) = &stale_candidate {
+            if let Some(why) = upstream_could_not_answer(&result) {
+                let user = caller.user.as_deref();
+                if let Some(response) = self.answer_stale(user, &info, uri, headers, why).await {
+                    return (verb, "stale", response);
+                }
+            }
+        }
         match result {
             Ok(response) => {
                 self.metrics.mark_ready();
@@ -290,13 +311,7 @@ impl Pipeline {
             return ControlFlow::Continue(request);
         };
         match self.cache.serve_plan(info, plan).await {
-            Ok(Answer::Full(response)) => ControlFlow::Break(response.map(crate::body::full)),
-            Ok(Answer::Stream(response)) => ControlFlow::Break(response.map(|stream| {
-                let frames = stream
-                    .map_ok(Frame::data)
-                    .map_err(|e| -> BoxError { Box::new(e) });
-                crate::body::stream(StreamBody::new(frames))
-            })),
+            Ok(answer) => ControlFlow::Break(answer_response(answer)),
             Err(reason) => {
                 tracing::Span::current().record("cache", reason.as_str());
                 ControlFlow::Continue(request)
@@ -385,6 +400,53 @@ impl Pipeline {
                 ControlFlow::Continue(false)
             }
         }
+    }
+
+    /// Opt-in (`cache.serveStale`): a read the API server could not answer
+    /// (`why`) is answered from a store that was in sync at most the
+    /// configured time ago, with a `Warning` saying how far behind; in shared
+    /// mode only if the caller is authorized for it (which, with the API
+    /// server down, local RBAC can tell). `None`: the API server's failure
+    /// stands.
+    async fn answer_stale(
+        &self,
+        user: Option<&kache_cache::rbac::UserInfo>,
+        info: &RequestInfo,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+        why: &'static str,
+    ) -> Option<Response<Body>> {
+        let max_staleness = self.serve_stale?;
+        if let Some(shared) = &self.shared {
+            let attributes = kache_cache::rbac::Attributes::from_request(info, uri.path());
+            match shared.authorizer.authorize(user?, &attributes).await {
+                Ok(decision) if decision.allowed => {}
+                _ => return None,
+            }
+        }
+        let (answer, staleness) = self
+            .cache
+            .serve_stale(info, uri.query(), headers, max_staleness)
+            .await
+            .ok()?;
+        let mut response = answer_response(answer);
+        let warning = format!(
+            "299 - \"the API server could not answer ({why}); served from kache's cache, {} s behind the API server\"",
+            staleness.as_secs()
+        );
+        if let Ok(value) = http::HeaderValue::from_str(&warning) {
+            response.headers_mut().append(http::header::WARNING, value);
+        }
+        self.metrics
+            .stale_answers
+            .get_or_create(&ErrorLabels { kind: why })
+            .inc();
+        tracing::warn!(
+            why,
+            staleness_s = staleness.as_secs(),
+            "answered from memory while the API server could not"
+        );
+        Some(response)
     }
 
     /// A watch or another long-running answer ends cleanly when kache shuts
@@ -495,6 +557,36 @@ impl Admission {
             self.limits.long_running,
         );
         self.limiter.acquire(demand).await
+    }
+}
+
+/// A cache answer as a response.
+fn answer_response(answer: Answer) -> Response<Body> {
+    match answer {
+        Answer::Full(response) => response.map(crate::body::full),
+        Answer::Stream(response) => response.map(|stream| {
+            let frames = stream
+                .map_ok(Frame::data)
+                .map_err(|e| -> BoxError { Box::new(e) });
+            crate::body::stream(StreamBody::new(frames))
+        }),
+    }
+}
+
+/// Why the API server did not answer a forwarded request, in the terms of
+/// `cache.serveStale`, or `None` if it did (an error status of its own
+/// choosing, other than 429 and 5xx, is an answer).
+fn upstream_could_not_answer(result: &Result<Response<Body>, Shared>) -> Option<&'static str> {
+    match result {
+        Ok(response) if response.status() == http::StatusCode::TOO_MANY_REQUESTS => Some("throttled"),
+        Ok(response) if response.status().is_server_error() => Some("server_error"),
+        Ok(_) => None,
+        Err(error) => match error.as_ref() {
+            ProxyError::UpstreamUnreachable(_) => Some("unreachable"),
+            ProxyError::UpstreamTimeout(_) => Some("timeout"),
+            ProxyError::UpstreamFailed(_) => Some("failed"),
+            _ => None,
+        },
     }
 }
 

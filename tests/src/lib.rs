@@ -451,10 +451,12 @@ impl Kache {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let stdout = std::fs::File::create(dir.path().join("kache.stdout")).unwrap();
         let mut cmd = Command::new(bin);
-        if extra.contains(&"--tls") {
-            cmd.arg("serve").arg("--state-dir").arg(dir.path().join("state"));
-        } else {
+        // Its own state directory: generated certificates and snapshots are
+        // this kache's, never another test's.
+        if extra.contains(&"--state-dir") {
             cmd.arg("serve");
+        } else {
+            cmd.arg("serve").arg("--state-dir").arg(dir.path().join("state"));
         }
         cmd.arg("--kubeconfig")
             .arg(upstream)
