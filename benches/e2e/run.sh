@@ -15,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
+# shellcheck source=lib.sh
+source "$repo/benches/e2e/lib.sh"
 
 PODS=${PODS:-10000}
 DURATION=${DURATION:-15}
@@ -45,20 +47,7 @@ json=$work/json
 
 # ------------------------------------------------------------------ build
 log "building (release)"
-cargo build --release --quiet -p kache-benches --bin kache-e2e
-target_dir=${CARGO_TARGET_DIR:-$repo/target}
-# Copied so that other builds in the same target directory cannot swap the binaries mid-run.
-cp "$target_dir/release/kache-e2e" "$work/kache-e2e"
-E2E=$work/kache-e2e
-if [[ -z "${KACHE_BIN:-}" ]]; then
-  cargo build --release --quiet -p kache-proxy --bin kache
-  cp "$target_dir/release/kache" "$work/kache"
-  kache_build="working tree of $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- config cache proxy || echo ' + uncommitted changes')"
-else
-  cp "$KACHE_BIN" "$work/kache"
-  kache_build=${KACHE_BUILD_NOTE:-$KACHE_BIN}
-fi
-KACHE=$work/kache
+build_binaries "$work"
 
 # ------------------------------------------------------------------ cluster
 log "starting the benchmark cluster in $cluster_dir"
