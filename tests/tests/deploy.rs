@@ -543,6 +543,8 @@ const NEEDED: &[&str] = &[
     "get /openapi/v2",
     "get /openapi/v3/apis/apps/v1",
     "get /version",
+    // The cluster's identity, for the snapshots' stamp.
+    "get namespaces/kube-system",
     // The cache: list + watch of whatever clients read, cluster-wide.
     "list pods --all-namespaces",
     "watch pods --all-namespaces",
@@ -569,6 +571,7 @@ const REFUSED: &[&str] = &[
     "delete customresourcedefinitions.apiextensions.k8s.io",
     "update apiservices.apiregistration.k8s.io",
     "get secrets --all-namespaces",
+    "get namespaces/default",
     "get pods --subresource=exec",
     "create pods --subresource=exec",
     "get nodes --subresource=proxy",
