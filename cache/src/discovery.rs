@@ -105,6 +105,25 @@ struct Key {
     pretty: bool,
 }
 
+impl Key {
+    fn of(request: &http::request::Parts) -> Key {
+        Key {
+            path: request.uri.path().to_string(),
+            query: request.uri.query().unwrap_or("").to_string(),
+            accept: request
+                .headers
+                .get(header::ACCEPT)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default(),
+            pretty: request
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|ua| ua.to_str().ok())
+                .is_some_and(|ua| PRETTY_USER_AGENTS.iter().any(|p| ua.starts_with(p))),
+        }
+    }
+}
+
 /// User-Agent prefixes the API server pretty-prints JSON for.
 const PRETTY_USER_AGENTS: &[&str] = &["curl", "Wget", "Mozilla/5.0"];
 
@@ -209,6 +228,11 @@ struct Inner {
     client: Arc<dyn ApiClient>,
     config: DiscoveryConfig,
     entries: DashMap<Key, Arc<Entry>>,
+    /// The last answer stored for each key, kept when the watches are lost
+    /// (not when a change invalidates it), to answer from during an outage.
+    last_known: DashMap<Key, Arc<Entry>>,
+    /// When the CRD/APIService watches were last lost (`None` while in sync).
+    lost_sync_at: std::sync::Mutex<Option<std::time::Instant>>,
     flights: DashMap<Key, Flight>,
     /// Bumped by every invalidation: a fetch that started before one is not stored.
     generation: AtomicU64,
@@ -245,6 +269,8 @@ impl Discovery {
                 client,
                 config,
                 entries: DashMap::new(),
+                last_known: DashMap::new(),
+                lost_sync_at: std::sync::Mutex::new(None),
                 flights: DashMap::new(),
                 generation: AtomicU64::new(0),
                 crds_synced: AtomicBool::new(false),
@@ -276,20 +302,7 @@ impl Discovery {
             self.inner.metrics.bypassed.get_or_create(&labels).inc();
             return None;
         }
-        let accept = request
-            .headers
-            .get(header::ACCEPT)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let key = Key {
-            path: request.uri.path().to_string(),
-            query: request.uri.query().unwrap_or("").to_string(),
-            accept: accept.unwrap_or_default(),
-            pretty: request
-                .headers
-                .get(header::USER_AGENT)
-                .and_then(|ua| ua.to_str().ok())
-                .is_some_and(|ua| PRETTY_USER_AGENTS.iter().any(|p| ua.starts_with(p))),
-        };
+        let key = Key::of(request);
         let entry = match self.lookup(&key) {
             Lookup::Fresh(entry) => {
                 self.inner.metrics.hits.get_or_create(&labels).inc();
@@ -311,6 +324,33 @@ impl Discovery {
             }
         };
         Some(Ok(render(&entry, request)))
+    }
+
+    /// During an outage (`cache.serveStale`): the last answer kache had for
+    /// this discovery request, if it was still valid when the CRD/APIService
+    /// watches were lost at most `max_staleness` ago, with how long ago that
+    /// was. While in sync, only a current (possibly expired) entry qualifies.
+    pub fn serve_stale(
+        &self,
+        request: &http::request::Parts,
+        max_staleness: std::time::Duration,
+    ) -> Option<(Response<Bytes>, std::time::Duration)> {
+        if !self.inner.config.enabled || request.method != Method::GET && request.method != Method::HEAD {
+            return None;
+        }
+        classify_path(request.uri.path())?;
+        let key = Key::of(request);
+        let lost = *self
+            .inner
+            .lost_sync_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (entry, staleness) = match lost {
+            None if self.is_synced() => (self.inner.entries.get(&key)?.clone(), std::time::Duration::ZERO),
+            None => return None,
+            Some(at) => (self.inner.last_known.get(&key)?.clone(), at.elapsed()),
+        };
+        (staleness <= max_staleness).then(|| (render(&entry, request), staleness))
     }
 
     fn lookup(&self, key: &Key) -> Lookup {
@@ -342,6 +382,7 @@ impl Discovery {
                             && inner.is_synced()
                         {
                             inner.entries.insert(key.clone(), entry.clone());
+                            inner.last_known.insert(key.clone(), entry.clone());
                             inner.metrics.entries.set(inner.entries.len() as i64);
                         }
                     }
@@ -361,7 +402,7 @@ impl Discovery {
     /// Drops the entries a change in `group` can affect: `/apis`, the group's
     /// own documents and the OpenAPI documents.
     pub fn invalidate_group(&self, group: &str) {
-        self.inner.invalidate(|path| {
+        self.inner.forget(|path| {
             path == "/apis"
                 || path.starts_with("/openapi/")
                 || path
@@ -431,6 +472,12 @@ impl Inner {
         self.config.enabled
             && self.crds_synced.load(Ordering::Acquire)
             && self.apiservices_synced.load(Ordering::Acquire)
+    }
+
+    /// Invalidates what a change made wrong: not even an outage may answer it.
+    fn forget(&self, affected: impl Fn(&str) -> bool) {
+        self.last_known.retain(|key, _| !affected(&key.path));
+        self.invalidate(affected);
     }
 
     fn invalidate(&self, affected: impl Fn(&str) -> bool) {
@@ -569,8 +616,19 @@ async fn watch_loop(discovery: Discovery, path: &'static str, flag: fn(&Inner) -
 }
 
 fn set_synced(inner: &Inner, flag: fn(&Inner) -> &AtomicBool, synced: bool) {
+    let was = inner.is_synced();
     flag(inner).store(synced, Ordering::Release);
-    inner.metrics.synced.set(i64::from(inner.is_synced()));
+    let now = inner.is_synced();
+    let mut lost = inner
+        .lost_sync_at
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if now {
+        *lost = None;
+    } else if was {
+        *lost = Some(std::time::Instant::now());
+    }
+    inner.metrics.synced.set(i64::from(now));
 }
 
 async fn list_resource_version(client: &dyn ApiClient, path: &str) -> Result<String, FetchError> {

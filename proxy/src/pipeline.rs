@@ -224,9 +224,15 @@ impl Pipeline {
         // memory then (opt-in, and only for callers memory may answer).
         let stale_candidate = (self.serve_stale.is_some()
             && caller.memory
-            && info.is_resource_request
-            && matches!(info.verb(), Verb::Get | Verb::List))
-        .then(|| (request.uri().clone(), request.headers().clone()));
+            && (info.is_resource_request && matches!(info.verb(), Verb::Get | Verb::List)
+                || !info.is_resource_request && discovery::classify_path(request.uri().path()).is_some()))
+        .then(|| {
+            (
+                request.method().clone(),
+                request.uri().clone(),
+                request.headers().clone(),
+            )
+        });
         // The caller's own credentials go over a connection without kache's.
         let upstream = match (&caller.upstream, &self.shared) {
             (UpstreamAs::Client, Some(shared)) => &shared.bare_upstream,
@@ -272,10 +278,10 @@ impl Pipeline {
                 ("forwarded", result.map_err(Shared::Owned))
             }
         };
-        if let Some((uri, headers)) = &stale_candidate {
+        if let Some((method, uri, headers)) = &stale_candidate {
             if let Some(why) = upstream_could_not_answer(&result) {
                 let user = caller.user.as_deref();
-                if let Some(response) = self.answer_stale(user, &info, uri, headers, why).await {
+                if let Some(response) = self.answer_stale(user, &info, (method, uri, headers), why).await {
                     return (verb, "stale", response);
                 }
             }
@@ -412,8 +418,7 @@ impl Pipeline {
         &self,
         user: Option<&kache_cache::rbac::UserInfo>,
         info: &RequestInfo,
-        uri: &http::Uri,
-        headers: &http::HeaderMap,
+        (method, uri, headers): (&http::Method, &http::Uri, &http::HeaderMap),
         why: &'static str,
     ) -> Option<Response<Body>> {
         let max_staleness = self.serve_stale?;
@@ -424,12 +429,21 @@ impl Pipeline {
                 _ => return None,
             }
         }
-        let (answer, staleness) = self
-            .cache
-            .serve_stale(info, uri.query(), headers, max_staleness)
-            .await
-            .ok()?;
-        let mut response = answer_response(answer);
+        let (mut response, staleness) = if info.is_resource_request {
+            let (answer, staleness) = self
+                .cache
+                .serve_stale(info, uri.query(), headers, max_staleness)
+                .await
+                .ok()?;
+            (answer_response(answer), staleness)
+        } else {
+            let (mut parts, ()) = Request::new(()).into_parts();
+            parts.method = method.clone();
+            parts.uri = uri.clone();
+            parts.headers = headers.clone();
+            let (answer, staleness) = self.discovery.serve_stale(&parts, max_staleness)?;
+            (answer.map(crate::body::full), staleness)
+        };
         let warning = format!(
             "299 - \"the API server could not answer ({why}); served from kache's cache, {} s behind the API server\"",
             staleness.as_secs()

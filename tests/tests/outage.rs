@@ -68,8 +68,20 @@ fn with_serve_stale_reads_are_answered_from_memory_while_the_api_server_is_down(
     assert_eq!(fresh.status, 200, "{}", fresh.text());
     assert!(fresh.header("warning").is_none(), "the API server answered it");
 
+    let discovery = raw::get(kache.addr(), "/api/v1").unwrap();
+    assert_eq!(discovery.status, 200, "{}", discovery.text());
+
     let port = relay.stop();
     let cut = Instant::now();
+    // Discovery keeps answering too: from memory, then (once kache has
+    // noticed its watches are gone) from its last answers, with the Warning.
+    let r = poll_until(Duration::from_secs(3), "discovery answered stale", || {
+        raw::get(kache.addr(), "/api/v1").ok().filter(|r| {
+            assert_eq!(r.status, 200, "discovery with the API server down: {}", r.text());
+            r.header("warning").is_some()
+        })
+    });
+    assert_eq!(r.json()["kind"], "APIResourceList");
     // Consistent LIST and GET: from memory, with the Warning.
     for path in [&list, &get] {
         let r = raw::get(kache.addr(), path).unwrap();

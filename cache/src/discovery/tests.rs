@@ -668,3 +668,45 @@ async fn curl_and_browsers_get_their_own_pretty_entries() {
         "one compact entry, one pretty entry"
     );
 }
+
+#[tokio::test]
+async fn during_an_outage_the_last_answers_are_served_stale_within_the_bound_but_not_changed_ones() {
+    let fake = fake();
+    let discovery = synced(&fake, HOUR).await;
+    let core = request("GET", "/api/v1", &[]);
+    let group = request("GET", "/apis/stable.example.com/v1", &[]);
+    let first = get(&discovery, "/api/v1", &[]).await;
+    get(&discovery, "/apis/stable.example.com/v1", &[]).await;
+    // In sync: the current entry, 0 s behind.
+    let (answer, behind) = discovery.serve_stale(&core, HOUR).expect("current");
+    assert_eq!((answer.status(), behind), (StatusCode::OK, Duration::ZERO));
+    // A CRD change: its group's answer is wrong now, even for an outage.
+    fake.push(
+        CRDS,
+        serde_json::json!({"type": "ADDED", "object": {
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "crontabs.stable.example.com", "resourceVersion": "200"},
+            "spec": {"group": "stable.example.com"}}}),
+    );
+    wait_for(|| discovery.inner.last_known.len() == 1).await;
+    // The watches are lost: entries are flushed, the last answers kept.
+    set_synced(&discovery.inner, |inner| &inner.crds_synced, false);
+    discovery.invalidate_all();
+    assert!(discovery.inner.entries.is_empty());
+    let (answer, behind) = discovery.serve_stale(&core, HOUR).expect("the last answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.body(), first.body());
+    assert!(behind < HOUR);
+    assert!(
+        discovery.serve_stale(&group, HOUR).is_none(),
+        "changed: never served"
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(
+        discovery.serve_stale(&core, Duration::from_millis(1)).is_none(),
+        "never beyond the bound"
+    );
+    assert!(discovery
+        .serve_stale(&request("POST", "/api/v1", &[]), HOUR)
+        .is_none());
+}
