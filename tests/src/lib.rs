@@ -1674,6 +1674,165 @@ pub fn normalize_object(obj: &mut Value, name: &str) {
     }
 }
 
+// ------------------------------------------------------------ own cluster ----
+
+/// A cluster of a test's own (tests/cluster/up.sh in `dir`), for tests that
+/// restart its API server or compact its etcd, which the shared one must
+/// never see. Stopped on drop.
+pub struct OwnCluster {
+    dir: PathBuf,
+    pub cluster: Cluster,
+}
+
+impl OwnCluster {
+    /// Starts (or reuses a healthy) cluster in `dir`.
+    ///
+    /// # Panics
+    /// When up.sh fails.
+    pub fn up(dir: &Path) -> OwnCluster {
+        std::fs::create_dir_all(dir).unwrap();
+        let script = workspace_root().join("tests/cluster/up.sh");
+        let out = Command::new(&script)
+            .arg(dir)
+            .env_remove("KACHE_CLUSTER_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} {} failed:\n{}",
+            script.display(),
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env_file = env_file_printed_by_up(&String::from_utf8_lossy(&out.stdout), dir);
+        OwnCluster {
+            dir: dir.to_path_buf(),
+            cluster: load_cluster_env(&env_file),
+        }
+    }
+
+    /// A variable of the cluster's env file.
+    pub fn var(&self, key: &str) -> String {
+        self.cluster
+            .env
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("{}/env does not define {key}", self.dir.display()))
+    }
+
+    /// Restarts kube-apiserver (etcd and its data stay).
+    pub async fn restart_apiserver(&self) {
+        let dir = self.dir.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(workspace_root().join("tests/cluster/restart-apiserver.sh"))
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "restart-apiserver.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A call to etcd's JSON gateway (`/v3/...`); no etcdctl needed.
+    pub fn etcd(&self, path: &str, body: &Value) -> Value {
+        let endpoint = self.var("KACHE_ETCD_ENDPOINT");
+        let addr: SocketAddr = endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let r = raw::exchange(addr, request.as_bytes()).unwrap_or_else(|e| panic!("etcd {path}: {e}"));
+        assert_eq!(r.status, 200, "etcd {path}: {}", r.text());
+        r.json()
+    }
+
+    /// etcd's current revision.
+    pub fn etcd_revision(&self) -> u64 {
+        self.etcd("/v3/kv/range", &serde_json::json!({"key": "AA=="}))["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .expect("etcd's revision")
+    }
+
+    /// Compacts etcd at its current revision: every older version is gone.
+    pub fn compact(&self) -> u64 {
+        let revision = self.etcd_revision();
+        self.etcd(
+            "/v3/kv/compaction",
+            &serde_json::json!({"revision": revision.to_string(), "physical": true}),
+        );
+        revision
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let out = Command::new(workspace_root().join("tests/cluster/down.sh"))
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "down.sh {}: {}",
+                self.dir.display(),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("down.sh {}: {e}", self.dir.display()),
+        }
+    }
+}
+
+/// Sends a JSON write (POST, PUT, PATCH, DELETE) and returns the answer's
+/// JSON. Transport errors (an API server restarting) are retried for a
+/// while; API errors fail the test.
+pub async fn write_json(client: &kube::Client, method: &str, path: &str, body: Option<&Value>) -> Value {
+    let content_type = if method == "PATCH" {
+        "application/merge-patch+json"
+    } else {
+        "application/json"
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::CONTENT_TYPE, content_type)
+            .body(body.map(|b| serde_json::to_vec(b).unwrap()).unwrap_or_default())
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), client.request::<Value>(request)).await {
+            Ok(Ok(answer)) => return answer,
+            Ok(Err(kube::Error::Api(status))) => panic!("{method} {path}: {status:?}"),
+            Ok(Err(e)) if Instant::now() < deadline => {
+                eprintln!("{method} {path}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(Err(e)) => panic!("{method} {path}: {e}"),
+            Err(_) => panic!("{method} {path}: no answer within 30 s"),
+        }
+    }
+}
+
+/// A copy of the kubeconfig `src` in `dir` whose server is `relay` (same CA
+/// and credentials: the serving certificate's SAN IP:127.0.0.1 matches it).
+pub fn kubeconfig_through(relay: &Relay, src: &Path, dir: &Path) -> PathBuf {
+    let kubeconfig = dir.join("relay.kubeconfig");
+    kubeconfig_with_server(src, &format!("https://127.0.0.1:{}", relay.port()), &kubeconfig);
+    kubeconfig
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,10 +16,8 @@
 
 #![allow(clippy::unwrap_used)] // test helpers, not only #[test] fns (STYLE.md)
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,8 +26,8 @@ use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kache_tests::{
-    cluster, env_file_printed_by_up, http_get, kubectl, load_cluster_env, raw, target_dir, unique_name,
-    workspace_root, AuditLog, AuditMark, Kache, TestNamespace,
+    cluster, http_get, kubectl, target_dir, unique_name, write_json, AuditLog, AuditMark, Kache, OwnCluster,
+    TestNamespace,
 };
 use kube::api::Api;
 use kube::client::Body;
@@ -143,34 +141,9 @@ async fn get(client: &kube::Client, path: &str, headers: &[(&str, &str)]) -> Rep
     }
 }
 
-/// Sends a JSON write (POST, PUT, PATCH, DELETE) and returns the answer's JSON.
-/// Transport errors (an API server restarting) are retried for a while; API
-/// errors fail the test.
+/// A JSON write straight to the API server (see [`write_json`]).
 async fn write(client: &kube::Client, method: &str, path: &str, body: Option<&Value>) -> Value {
-    let content_type = if method == "PATCH" {
-        "application/merge-patch+json"
-    } else {
-        "application/json"
-    };
-    let deadline = Instant::now() + CONVERGE;
-    loop {
-        let request = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(CONTENT_TYPE, content_type)
-            .body(body.map(|b| serde_json::to_vec(b).unwrap()).unwrap_or_default())
-            .unwrap();
-        match tokio::time::timeout(REQUEST_TIMEOUT, client.request::<Value>(request)).await {
-            Ok(Ok(answer)) => return answer,
-            Ok(Err(kube::Error::Api(status))) => panic!("{method} {path}: {status:?}"),
-            Ok(Err(e)) if Instant::now() < deadline => {
-                eprintln!("{method} {path}: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Ok(Err(e)) => panic!("{method} {path}: {e}"),
-            Err(_) => panic!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"),
-        }
-    }
+    write_json(client, method, path, body).await
 }
 
 /// `metadata.resourceVersion` as a number (0 if absent).
@@ -1754,110 +1727,6 @@ async fn kube_runtime_reflector_and_client_go_informer_through_kache_converge_to
 }
 
 // ====================================================== 5. DISRUPTION ====
-
-/// A cluster of this test's own, started with tests/cluster/up.sh and stopped
-/// with down.sh on drop.
-struct OwnCluster {
-    dir: PathBuf,
-    env: HashMap<String, String>,
-}
-
-impl OwnCluster {
-    fn up(dir: &Path) -> OwnCluster {
-        std::fs::create_dir_all(dir).unwrap();
-        let script = workspace_root().join("tests/cluster/up.sh");
-        let out = Command::new(&script)
-            .arg(dir)
-            .env_remove("KACHE_CLUSTER_DIR")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        // From here on the cluster is ours to stop, even if what follows fails.
-        let mut cluster = OwnCluster {
-            dir: dir.to_path_buf(),
-            env: HashMap::new(),
-        };
-        assert!(
-            out.status.success(),
-            "{} {} failed:\n{}",
-            script.display(),
-            dir.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env_file = env_file_printed_by_up(&String::from_utf8_lossy(&out.stdout), dir);
-        cluster.env = load_cluster_env(&env_file).env;
-        cluster
-    }
-
-    fn var(&self, key: &str) -> String {
-        self.env
-            .get(key)
-            .cloned()
-            .unwrap_or_else(|| panic!("{}/env does not define {key}", self.dir.display()))
-    }
-
-    /// Restarts kube-apiserver (etcd and its data stay).
-    async fn restart_apiserver(&self) {
-        let dir = self.dir.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(workspace_root().join("tests/cluster/restart-apiserver.sh"))
-                .arg(&dir)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "restart-apiserver.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// A call to etcd's JSON gateway (`/v3/...`); no etcdctl needed.
-    fn etcd(&self, path: &str, body: &Value) -> Value {
-        let endpoint = self.var("KACHE_ETCD_ENDPOINT");
-        let addr: SocketAddr = endpoint
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .parse()
-            .unwrap();
-        let body = body.to_string();
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let r = raw::exchange(addr, request.as_bytes()).unwrap_or_else(|e| panic!("etcd {path}: {e}"));
-        assert_eq!(r.status, 200, "etcd {path}: {}", r.text());
-        r.json()
-    }
-
-    fn etcd_revision(&self) -> u64 {
-        self.etcd("/v3/kv/range", &json!({"key": "AA=="}))["header"]["revision"]
-            .as_str()
-            .and_then(|r| r.parse().ok())
-            .expect("etcd's revision")
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        let out = Command::new(workspace_root().join("tests/cluster/down.sh"))
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!(
-                "down.sh {}: {}",
-                self.dir.display(),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => eprintln!("down.sh {}: {e}", self.dir.display()),
-        }
-    }
-}
 
 /// Polls until kache answers the rv=0 LIST `path` from its cache with exactly
 /// the objects a consistent LIST of the API server shows (names and versions).

@@ -10,19 +10,13 @@
 use std::time::{Duration, Instant};
 
 use kache_tests::{
-    cluster, kubeconfig_with_server, kubectl, poll_until, raw, AuditFilter, Kache, Relay, TestNamespace,
+    cluster, kubeconfig_through, kubectl, poll_until, raw, AuditFilter, Kache, Relay, TestNamespace,
 };
 
 /// A kache whose upstream is `relay`, with these extra config lines.
 fn kache_behind(relay: &Relay, config: &str) -> (Kache, tempfile::TempDir) {
-    let c = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("relay.kubeconfig");
-    kubeconfig_with_server(
-        &c.admin_kubeconfig,
-        &format!("https://127.0.0.1:{}", relay.port()),
-        &kubeconfig,
-    );
+    let kubeconfig = kubeconfig_through(relay, &cluster().admin_kubeconfig, dir.path());
     let config_file = dir.path().join("kache.yaml");
     std::fs::write(&config_file, config).unwrap();
     let kache = Kache::start_with_args(&kubeconfig, &["--config", config_file.to_str().unwrap()]);

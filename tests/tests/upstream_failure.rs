@@ -7,8 +7,7 @@
 use std::time::{Duration, Instant};
 
 use kache_tests::{
-    assert_status_body, cluster, kubeconfig_with_server, kubectl, poll_until, raw, Kache, Relay,
-    TestNamespace,
+    assert_status_body, cluster, kubeconfig_through, kubectl, poll_until, raw, Kache, Relay, TestNamespace,
 };
 
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -16,14 +15,8 @@ const RECOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A kache whose upstream is `relay` (same CA and admin credentials; the serving
 /// certificate's SAN IP:127.0.0.1 matches the relay's address).
 fn kache_behind(relay: &Relay) -> Kache {
-    let c = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("relay.kubeconfig");
-    kubeconfig_with_server(
-        &c.admin_kubeconfig,
-        &format!("https://127.0.0.1:{}", relay.port()),
-        &kubeconfig,
-    );
+    let kubeconfig = kubeconfig_through(relay, &cluster().admin_kubeconfig, dir.path());
     let kache = Kache::start(&kubeconfig);
     // kache has read its kubeconfig; keep a copy beside it for debugging.
     std::fs::copy(&kubeconfig, kache.scratch_dir().join("relay.kubeconfig")).unwrap();
