@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::{
     audit_kind, audit_mark, audit_scan, cpu_seconds, describe_list, exchange, exchange_timeout,
-    latency_summary, AuditPos, Http, Target,
+    latency_summary, watched_processes, AuditPos, Http, Target,
 };
 
 /// The Role every benchmark user is bound to.
@@ -349,15 +349,7 @@ pub(crate) async fn authz_load(c: AuthzLoad) -> Result<Value> {
         }
     }
 
-    let mut watched: Vec<(String, String)> = vec![("loadgen".into(), "self".into())];
-    for spec in &c.cpu {
-        let (name, pid) = spec.split_once('=').context("--cpu NAME=PID")?;
-        watched.push((name.to_string(), pid.to_string()));
-    }
-    let cpu_before: Vec<f64> = watched
-        .iter()
-        .map(|(_, pid)| cpu_seconds(pid))
-        .collect::<Result<_>>()?;
+    let (watched, cpu_before) = watched_processes(&c.cpu)?;
     let issued = Arc::new(AtomicUsize::new(0));
     let duration = Duration::from_secs_f64(c.duration);
     let start = Instant::now();

@@ -646,15 +646,7 @@ async fn load(c: Load) -> Result<Value> {
         None => None,
     };
     let mark = c.audit_log.as_deref().map(audit_mark).transpose()?;
-    let mut watched: Vec<(String, String)> = vec![("loadgen".into(), "self".into())];
-    for spec in &c.cpu {
-        let (name, pid) = spec.split_once('=').context("--cpu NAME=PID")?;
-        watched.push((name.to_string(), pid.to_string()));
-    }
-    let cpu_before: Vec<f64> = watched
-        .iter()
-        .map(|(_, pid)| cpu_seconds(pid))
-        .collect::<Result<_>>()?;
+    let (watched, cpu_before) = watched_processes(&c.cpu)?;
     let issued = Arc::new(AtomicUsize::new(0));
     let duration = Duration::from_secs_f64(c.duration);
     let start = Instant::now();
@@ -739,6 +731,24 @@ async fn load(c: Load) -> Result<Value> {
 }
 
 /// User + system CPU time of a process (`self` or a pid) so far, from `/proc/PID/stat`.
+/// A process a cell measures: its name in the report and its PID (`self`).
+type Watched = (String, String);
+
+/// The processes whose CPU time a cell measures (the load generator itself,
+/// and each `--cpu NAME=PID`), with their CPU seconds so far.
+fn watched_processes(specs: &[String]) -> Result<(Vec<Watched>, Vec<f64>)> {
+    let mut watched: Vec<Watched> = vec![("loadgen".into(), "self".into())];
+    for spec in specs {
+        let (name, pid) = spec.split_once('=').context("--cpu NAME=PID")?;
+        watched.push((name.to_string(), pid.to_string()));
+    }
+    let before = watched
+        .iter()
+        .map(|(_, pid)| cpu_seconds(pid))
+        .collect::<Result<_>>()?;
+    Ok((watched, before))
+}
+
 fn cpu_seconds(pid: &str) -> Result<f64> {
     let stat =
         std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
