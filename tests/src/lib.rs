@@ -1674,6 +1674,29 @@ pub fn normalize_object(obj: &mut Value, name: &str) {
     }
 }
 
+// ---------------------------------------------------------------- metrics ----
+
+/// The sum of the samples of `name` in a `/metrics` text whose labels
+/// include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
 // ------------------------------------------------------------ own cluster ----
 
 /// A cluster of a test's own (tests/cluster/up.sh in `dir`), for tests that

@@ -26,8 +26,8 @@ use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kache_tests::{
-    cluster, http_get, kubectl, target_dir, unique_name, write_json, AuditLog, AuditMark, Kache, OwnCluster,
-    TestNamespace,
+    cluster, http_get, kubectl, metric, target_dir, unique_name, write_json, AuditLog, AuditMark, Kache,
+    OwnCluster, TestNamespace,
 };
 use kube::api::Api;
 use kube::client::Body;
@@ -259,26 +259,6 @@ impl Res {
 }
 
 // ------------------------------------------------------------- metrics ----
-
-/// The sum of the samples of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric_name, label_text) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            (metric_name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
-}
 
 async fn kache_metrics(kache: &Kache) -> String {
     let r = http_get(&format!("http://{}/metrics", kache.admin_addr()), &[]).await;

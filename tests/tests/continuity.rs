@@ -19,7 +19,7 @@ use futures::StreamExt;
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kache_tests::{
-    http_get, kubeconfig_with_server, target_dir, unique_name, write_json, Kache, OwnCluster, Relay,
+    http_get, kubeconfig_with_server, metric, target_dir, unique_name, write_json, Kache, OwnCluster, Relay,
 };
 use kube::api::Api;
 use kube::client::Body;
@@ -254,26 +254,6 @@ fn kube_watcher(via: &kube::Client, ns: &str) -> Watcher {
 }
 
 // ------------------------------------------------------------ kache ----
-
-/// The sum of the samples of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric_name, label_text) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            (metric_name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
-}
 
 async fn configmap_metric(kache: &Kache, name: &str) -> f64 {
     let r = http_get(&format!("http://{}/metrics", kache.admin_addr()), &[]).await;

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use http::header::CONTENT_TYPE;
-use kache_tests::{client_from_kubeconfig, cluster, AuditFilter, Kache, TestNamespace};
+use kache_tests::{client_from_kubeconfig, cluster, metric, AuditFilter, Kache, TestNamespace};
 use kube::client::Body;
 use serde_json::{json, Value};
 
@@ -370,22 +370,19 @@ async fn assert_matrix(kache: &Kache, world: &World, anonymous: bool) {
 /// from memory, and the denied ones really were denied by kache.
 fn assert_memory_was_used(kache: &Kache) {
     let metrics = kache.metrics();
-    let count = |needle: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(needle))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let decisions = |result| {
+        metric(
+            &metrics,
+            "kache_authorization_decisions_total",
+            &[("result", result)],
+        )
     };
-    assert!(count("kache_cache_hits_total") > 0.0, "no cache hit:\n{metrics}");
     assert!(
-        count("kache_authorization_decisions_total{result=\"denied\"") > 0.0,
-        "no denial by kache:\n{metrics}"
+        metric(&metrics, "kache_cache_hits_total", &[]) > 0.0,
+        "no cache hit:\n{metrics}"
     );
-    assert!(
-        count("kache_authorization_decisions_total{result=\"allowed\"") > 0.0,
-        "nothing allowed by kache:\n{metrics}"
-    );
+    assert!(decisions("denied") > 0.0, "no denial by kache:\n{metrics}");
+    assert!(decisions("allowed") > 0.0, "nothing allowed by kache:\n{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -698,14 +695,12 @@ async fn a_thousand_requests_by_one_token_make_a_bounded_number_of_reviews() {
 }
 
 /// `kache_flowcontrol_dispatched_requests_total` of one class, 0 if absent.
-fn dispatched(kache: &Kache, class: &str) -> u64 {
-    let needle = format!("kache_flowcontrol_dispatched_requests_total{{class=\"{class}\"}}");
-    kache
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with(&needle))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+fn dispatched(kache: &Kache, class: &str) -> f64 {
+    metric(
+        &kache.metrics(),
+        "kache_flowcontrol_dispatched_requests_total",
+        &[("class", class)],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,7 +727,7 @@ async fn the_limits_users_rule_matches_the_authenticated_or_impersonated_user() 
     )
     .await;
     assert_eq!(bob.status, 403, "{}", bob.text());
-    assert_eq!(dispatched(&shared, "alices"), 0, "bob is not alice");
+    assert_eq!(dispatched(&shared, "alices"), 0.0, "bob is not alice");
     let alice = send(
         &shared.client_with_token(Some(&c.alice_token)),
         "GET",
@@ -744,7 +739,7 @@ async fn the_limits_users_rule_matches_the_authenticated_or_impersonated_user() 
     assert_eq!(alice.status, 200, "{}", alice.text());
     assert_eq!(
         dispatched(&shared, "alices"),
-        1,
+        1.0,
         "alice's request in alice's class"
     );
 
@@ -753,7 +748,7 @@ async fn the_limits_users_rule_matches_the_authenticated_or_impersonated_user() 
     assert_eq!(plain.status, 200, "{}", plain.text());
     assert_eq!(
         dispatched(&local, "alices"),
-        0,
+        0.0,
         "kache's own identity is not alice"
     );
     let as_alice = send(
@@ -767,7 +762,7 @@ async fn the_limits_users_rule_matches_the_authenticated_or_impersonated_user() 
     assert_eq!(as_alice.status, 200, "{}", as_alice.text());
     assert_eq!(
         dispatched(&local, "alices"),
-        1,
+        1.0,
         "a request impersonating alice is alice's"
     );
 }
