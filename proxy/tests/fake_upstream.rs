@@ -333,22 +333,8 @@ async fn a_slow_upstream_gets_a_timeout_status_and_kache_keeps_serving() {
 #[tokio::test]
 async fn upgrades_are_spliced_byte_for_byte() {
     let h = harness("").await;
-    let mut stream = TcpStream::connect(h.kache).await.unwrap();
-    stream
-        .write_all(
-            b"POST /api/v1/namespaces/a/pods/p/exec?command=sh&stdin=true HTTP/1.1\r\nHost: localhost\r\n\
-              Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
-              Content-Length: 0\r\n\r\n",
-        )
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let (mut stream, head) = open_exec(h.kache).await;
+    let head = head.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: spdy/3.1"), "{head}");
     assert!(
@@ -395,6 +381,27 @@ async fn an_unreachable_upstream_gets_503_with_retry_after() {
     let response = kache_proxy::error::rescue(&error);
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
+}
+
+/// Opens an exec session through kache (SPDY upgrade to the fake's echo)
+/// and returns the connection with the response head.
+async fn open_exec(kache: SocketAddr) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(kache).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/v1/namespaces/a/pods/p/exec?command=sh&stdin=true HTTP/1.1\r\nHost: localhost\r\n\
+              Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n\
+              Content-Length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    (stream, String::from_utf8(head).unwrap())
 }
 
 /// Sends raw bytes on a new connection (optionally closing its write half
@@ -544,20 +551,8 @@ async fn at_shutdown_watches_end_cleanly_and_upgraded_sessions_close_at_the_dead
         .unwrap();
     assert!(frame.unwrap().unwrap().is_data());
     // An exec session.
-    let mut exec = TcpStream::connect(h.kache).await.unwrap();
-    exec.write_all(
-        b"POST /api/v1/namespaces/a/pods/p/exec?command=sh&stdin=true HTTP/1.1\r\nHost: localhost\r\n\
-          Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        exec.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let (mut exec, head) = open_exec(h.kache).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
 
     let stopping = tokio::spawn(running.shutdown());
     // The watch ends as a stream ends (no error), without waiting for a timeout.
