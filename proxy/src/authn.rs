@@ -213,7 +213,10 @@ impl AuthnMetrics {
             ),
             "authentication_duration_seconds",
             &["success", "failure"],
-            &["certificate", "tokenreview", "cache", "connection", "anonymous", "none"],
+            (
+                &["certificate", "tokenreview", "cache", "connection", "anonymous", "none"],
+                &["certificate", "tokenreview", "cache"],
+            ),
         ))
     }
 

@@ -70,7 +70,7 @@ impl AuthzMetrics {
             ),
             "authorization_duration_seconds",
             &["allowed", "denied"],
-            &["rbac", "sar", "cache"],
+            (&["rbac", "sar", "cache"], &["sar", "cache"]),
         ))
     }
 

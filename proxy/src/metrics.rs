@@ -46,14 +46,17 @@ pub struct DecisionMetrics {
 }
 
 impl DecisionMetrics {
-    /// Registers `<name>_total` (by `result` and `source`) and
-    /// `<duration_name>` (by `source`), for these results and sources.
+    /// Registers `<name>_total` (by `result` and `source`) for these
+    /// results and sources, and `<duration_name>` (by `source`) for the
+    /// `timed` ones: those that do work worth timing (a review, a cache
+    /// lookup); the sub-microsecond ones are only counted, to keep the hot
+    /// path free of clock reads and histogram locks.
     pub fn register(
         registry: &mut Registry,
         (name, help): (&str, &str),
         duration_name: &str,
         results: &[&'static str],
-        sources: &[&'static str],
+        (sources, timed): (&[&'static str], &[&'static str]),
     ) -> DecisionMetrics {
         let counters = Family::<DecisionLabels, Counter>::default();
         // 1 µs … ~4 s: a remembered decision takes microseconds, a review milliseconds.
@@ -74,7 +77,7 @@ impl DecisionMetrics {
                 ((result, source), counter)
             })
             .collect();
-        let durations = sources
+        let durations = timed
             .iter()
             .map(|&source| (source, histograms.get_or_create(&SourceLabels { source }).clone()))
             .collect();
