@@ -139,8 +139,6 @@ pub struct Caller {
     /// `user` in shared mode). Local mode: not when it impersonates.
     pub memory: bool,
     pub upstream: UpstreamAs,
-    /// How the user was authenticated, for logs.
-    pub via: AuthnSource,
 }
 
 impl Caller {
@@ -151,7 +149,6 @@ impl Caller {
             user: None,
             memory: !has_impersonation(headers),
             upstream: UpstreamAs::Kubeconfig,
-            via: AuthnSource::Kubeconfig,
         }
     }
 
@@ -175,7 +172,6 @@ pub fn has_impersonation(headers: &HeaderMap) -> bool {
 /// How a user was authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthnSource {
-    Kubeconfig,
     Certificate,
     /// A TokenReview made for this request.
     TokenReview,
@@ -189,7 +185,6 @@ pub enum AuthnSource {
 impl AuthnSource {
     pub fn as_str(self) -> &'static str {
         match self {
-            AuthnSource::Kubeconfig => "kubeconfig",
             AuthnSource::Certificate => "certificate",
             AuthnSource::TokenReview => "tokenreview",
             AuthnSource::Cache => "cache",
@@ -334,7 +329,6 @@ impl Authenticator {
             user: Some(user),
             memory: true,
             upstream,
-            via,
         })
     }
 
