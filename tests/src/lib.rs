@@ -1856,6 +1856,33 @@ pub fn kubeconfig_through(relay: &Relay, src: &Path, dir: &Path) -> PathBuf {
     kubeconfig
 }
 
+// ---------------------------------------------------------- kache: SIGTERM ----
+
+impl Kache {
+    /// Sends SIGTERM (a graceful shutdown: drains, saves snapshots) and
+    /// waits for the process to exit; returns how it exited.
+    ///
+    /// # Panics
+    /// When the signal cannot be sent, or kache is still running after `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kache still running {timeout:?} after SIGTERM; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
