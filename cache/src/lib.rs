@@ -33,6 +33,7 @@ pub mod request;
 pub mod resources;
 pub mod selector;
 pub mod snapshot;
+pub mod status;
 pub mod store;
 pub mod upstream;
 

@@ -203,7 +203,7 @@ fn varint_len(mut value: u64) -> usize {
     len
 }
 
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -217,7 +217,7 @@ fn field_len(len: usize) -> usize {
 }
 
 /// A length-delimited field with a one-byte key: header and content.
-fn put_field(out: &mut Vec<u8>, number: u8, content: &[u8]) {
+pub(crate) fn put_field(out: &mut Vec<u8>, number: u8, content: &[u8]) {
     put_header(out, number, content.len());
     out.extend_from_slice(content);
 }
@@ -592,27 +592,6 @@ pub fn watch_frame(event: &str, api_version: &str, kind: &str, object: &[u8]) ->
     out.extend_from_slice(object);
     end_envelope(&mut out);
     Bytes::from(out)
-}
-
-/// The API server's `404 NotFound` Status, in protobuf: `details.kind` is
-/// the resource (plural), `details.group` is always written.
-pub fn not_found_body(message: &str, name: &str, group: &str, resource: &str) -> Vec<u8> {
-    let mut details = Vec::new();
-    put_field(&mut details, 1, name.as_bytes());
-    put_field(&mut details, 2, group.as_bytes());
-    put_field(&mut details, 3, resource.as_bytes());
-    // retryAfterSeconds: 0, uid: "".
-    details.extend_from_slice(&[0x28, 0x00, 0x32, 0x00]);
-    let mut status = Vec::new();
-    // ListMeta{selfLink: "", resourceVersion: "", continue: ""}.
-    put_field(&mut status, 1, &[0x0a, 0x00, 0x12, 0x00, 0x1a, 0x00]);
-    put_field(&mut status, 2, b"Failure");
-    put_field(&mut status, 3, message.as_bytes());
-    put_field(&mut status, 4, b"NotFound");
-    put_field(&mut status, 5, &details);
-    status.push(6 << 3);
-    put_varint(&mut status, 404);
-    object_body("v1", "Status", &status)
 }
 
 /// The object's message with `metadata.resourceVersion` replaced, every other

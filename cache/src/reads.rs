@@ -460,26 +460,17 @@ pub fn get(
 
 fn not_found(name: &str, spec: &ResourceSpec, encoding: Encoding) -> Response<Bytes> {
     let message = format!("{} \"{}\" not found", spec.qualified_resource(), name);
-    if encoding == Encoding::Protobuf {
-        let body = crate::protobuf::not_found_body(&message, name, &spec.group, &spec.resource);
-        return response(StatusCode::NOT_FOUND, encoding, body);
-    }
-    let mut details = serde_json::json!({ "name": name, "kind": spec.resource });
-    if !spec.group.is_empty() {
-        details["group"] = serde_json::Value::from(spec.group.as_str());
-    }
-    let status = serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": "NotFound",
-        "details": details,
-        "code": 404,
-    });
-    let mut body = serde_json::to_vec(&status).expect("invariant: a Status serializes");
-    body.push(b'\n');
+    let details = crate::status::Details {
+        name,
+        group: &spec.group,
+        kind: &spec.resource,
+        retry_after_seconds: None,
+    };
+    let status = crate::status::Status::failure(StatusCode::NOT_FOUND, &message).with_details(details);
+    let body = match encoding {
+        Encoding::Json => status.to_json(),
+        Encoding::Protobuf => status.to_protobuf(),
+    };
     response(StatusCode::NOT_FOUND, encoding, body)
 }
 

@@ -62,6 +62,19 @@ impl Verb {
     }
 }
 
+impl std::fmt::Display for Verb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A metric label: the verb's name, as in logs and the API server's metrics.
+impl prometheus_client::encoding::EncodeLabelValue for Verb {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 /// The read-related query parameters of a request, decoded, first value wins
 /// (as the API server's parameter codec does).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

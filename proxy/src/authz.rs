@@ -194,9 +194,9 @@ pub fn forbidden(user: &str, attributes: &Attributes, reason: &str) -> Response<
             )
         };
         let details = crate::status::Details {
-            name: attributes.name.clone(),
-            group: attributes.group.clone(),
-            kind: attributes.resource.clone(),
+            name: &attributes.name,
+            group: &attributes.group,
+            kind: &attributes.resource,
             retry_after_seconds: None,
         };
         (message, details)

@@ -95,20 +95,24 @@ impl CoalesceKey {
 /// for one that must not: anything but GET and HEAD, requests with a body,
 /// upgrades, watches (`watch=true`, a bare `?watch`, `/watch/` paths) and the
 /// other long-running requests (logs, proxy), whose answers never end in time
-/// for a gathering call to be useful. `identity` names who the upstream call
-/// is made as.
-pub fn key_for<B: http_body::Body>(request: &Request<B>, identity: impl Into<String>) -> Option<CoalesceKey> {
+/// for a gathering call to be useful. `info` is the request as the API
+/// server classifies it (`None`: it could not, and the request goes alone);
+/// `identity` names who the upstream call is made as.
+pub fn key_for<B: http_body::Body>(
+    request: &Request<B>,
+    info: Option<&RequestInfo>,
+    identity: impl Into<String>,
+) -> Option<CoalesceKey> {
     if !matches!(*request.method(), Method::GET | Method::HEAD) || is_upgrade(request) || has_body(request) {
         return None;
     }
-    let uri = request.uri();
-    match RequestInfo::parse(request.method().as_str(), uri.path(), uri.query()) {
-        Ok(info) if !info.read.watch && !info.is_long_running() => {}
+    match info {
+        Some(info) if !info.read.watch && !info.is_long_running() => {}
         _ => return None,
     }
     Some(CoalesceKey::new(
         request.method(),
-        uri,
+        request.uri(),
         request.headers(),
         identity,
     ))
@@ -133,11 +137,11 @@ pub enum Role {
 }
 
 impl Role {
-    /// The request's `outcome` label: `forwarded` or `coalesced`.
-    pub fn outcome(self) -> &'static str {
+    /// The request's outcome: forwarded (it made the call) or coalesced.
+    pub fn outcome(self) -> crate::metrics::Outcome {
         match self {
-            Role::Leader => "forwarded",
-            Role::Follower => "coalesced",
+            Role::Leader => crate::metrics::Outcome::Forwarded,
+            Role::Follower => crate::metrics::Outcome::Coalesced,
         }
     }
 }
@@ -508,8 +512,15 @@ mod tests {
         builder.body(Empty::new()).expect("request")
     }
 
+    /// The key the pipeline computes: the request classified, then keyed.
+    fn keyed<B: http_body::Body>(request: &Request<B>, identity: &str) -> Option<CoalesceKey> {
+        let uri = request.uri();
+        let info = RequestInfo::parse(request.method().as_str(), uri.path(), uri.query()).ok();
+        key_for(request, info.as_ref(), identity)
+    }
+
     fn key(uri: &str) -> CoalesceKey {
-        key_for(&request("GET", uri, &[]), "admin").expect("coalescable")
+        keyed(&request("GET", uri, &[]), "admin").expect("coalescable")
     }
 
     /// A fetch that counts its calls and answers, after `delay`, with the
@@ -697,13 +708,13 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let keys = [
             key(LIST),
-            key_for(
+            keyed(
                 &request("GET", LIST, &[("accept", "application/vnd.kubernetes.protobuf")]),
                 "admin",
             )
             .expect("key"),
             key("/api/v1/namespaces/a/pods?limit=50"),
-            key_for(&request("GET", LIST, &[]), "alice").expect("key"),
+            keyed(&request("GET", LIST, &[]), "alice").expect("key"),
         ];
         let tasks: Vec<_> = keys
             .into_iter()
@@ -998,14 +1009,14 @@ mod tests {
             ("GET", LIST, &[("content-length", "0")], true),
         ];
         for (method, uri, headers, coalescable) in cases {
-            let key = key_for(&request(method, uri, headers), "admin");
+            let key = keyed(&request(method, uri, headers), "admin");
             assert_eq!(key.is_some(), *coalescable, "{method} {uri} {headers:?}");
         }
         let with_body = Request::get(LIST)
             .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
             .expect("request");
         assert!(
-            key_for(&with_body, "admin").is_none(),
+            keyed(&with_body, "admin").is_none(),
             "a body without declaring it"
         );
     }
@@ -1013,7 +1024,7 @@ mod tests {
     #[test]
     fn keys_differ_by_everything_that_changes_the_answer() {
         let key_of = |method: &str, uri: &str, headers: &[(&str, &str)], identity: &str| {
-            key_for(&request(method, uri, headers), identity).expect("key")
+            keyed(&request(method, uri, headers), identity).expect("key")
         };
         let base = key_of("GET", LIST, &[("accept", "application/json")], "admin");
         assert_eq!(

@@ -2,12 +2,11 @@
 //! responses. Error responses of the API server are not kache errors: they
 //! are forwarded byte for byte.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Response, StatusCode};
 
-use crate::admit::RejectReason;
+use crate::admit::Rejected;
 use crate::body::{Body, BoxError};
 use crate::status;
 
@@ -45,13 +44,8 @@ pub enum ProxyError {
     TooLarge(u64),
     /// The admit stage's concurrency limits said no (a queue was full, a wait
     /// timed out, too many long-running requests).
-    #[error("too many requests, please try again later: {reason} (priority class {class:?})")]
-    TooManyRequests {
-        reason: RejectReason,
-        class: Arc<str>,
-        /// Seconds, for `Retry-After` and `details.retryAfterSeconds`.
-        retry_after: u32,
-    },
+    #[error(transparent)]
+    TooManyRequests(#[from] Rejected),
     #[error("the API server is unreachable: {0}")]
     UpstreamUnreachable(#[source] BoxError),
     #[error("the API server did not answer within {0:?}")]
@@ -99,7 +93,7 @@ impl ProxyError {
             | ProxyError::Forbidden(_)
             | ProxyError::BadRequest(_)
             | ProxyError::TooLarge(_)
-            | ProxyError::TooManyRequests { .. } => ErrorSource::Downstream,
+            | ProxyError::TooManyRequests(_) => ErrorSource::Downstream,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::UpstreamCredentials(_)
@@ -115,7 +109,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamCredentials(_)
             | ProxyError::Review(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -135,7 +129,7 @@ impl ProxyError {
             ProxyError::Review(_) => "review_failed",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::TooLarge(_) => "request_too_large",
-            ProxyError::TooManyRequests { .. } => "too_many_requests",
+            ProxyError::TooManyRequests(_) => "too_many_requests",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::UpstreamCredentials(_) => "upstream_credentials",
@@ -169,7 +163,7 @@ pub fn rescue(error: &ProxyError) -> Response<Body> {
     }
     let retry_after = match error {
         ProxyError::UpstreamUnreachable(_) | ProxyError::Review(_) => Some(UNREACHABLE_RETRY_AFTER_SECONDS),
-        ProxyError::TooManyRequests { retry_after, .. } => Some(*retry_after),
+        ProxyError::TooManyRequests(rejected) => Some(rejected.retry_after),
         _ => None,
     };
     status::failure(code, &error.to_string(), retry_after)
@@ -178,13 +172,14 @@ pub fn rescue(error: &ProxyError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admit::RejectReason;
 
     fn too_many(reason: RejectReason, retry_after: u32) -> ProxyError {
-        ProxyError::TooManyRequests {
+        ProxyError::TooManyRequests(Rejected {
             reason,
             class: "default".into(),
             retry_after,
-        }
+        })
     }
 
     #[test]
@@ -212,7 +207,7 @@ mod tests {
                 matches!(
                     error,
                     ProxyError::UpstreamUnreachable(_)
-                        | ProxyError::TooManyRequests { .. }
+                        | ProxyError::TooManyRequests(_)
                         | ProxyError::Review(_)
                 ),
                 "{error}"

@@ -50,7 +50,7 @@ use crate::authz::{Authorizer, AuthzMetrics};
 use crate::coalesce::{CoalesceMetrics, Coalescer};
 use crate::guard::LocalGuard;
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, SharedAuth, Stages};
+use crate::pipeline::{Pipeline, SharedAuth};
 use crate::server::ListenerSettings;
 use crate::upstream::{Exchange, Upstream};
 
@@ -178,7 +178,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         "kache serving"
     );
 
-    let pipeline = Arc::new(Pipeline::new(Stages {
+    let pipeline = Arc::new(Pipeline {
         guard: LocalGuard::new(&config.listener),
         shared,
         client_key: config.limits.client_key.clone(),
@@ -191,7 +191,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         max_request_body_bytes: config.listener.max_request_body_bytes,
         serve_stale: config.cache.serve_stale,
         shutdown: shutdown_rx.clone(),
-    }));
+    });
     let main = server::serve(
         listener,
         ListenerSettings {

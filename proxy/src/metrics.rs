@@ -3,25 +3,85 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use kache_cache::Verb;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// How kache answered a request: the `outcome` of its metrics and log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// From the object cache (rv=0 reads, watches from memory).
+    Cache,
+    /// From the discovery cache.
+    Discovery,
+    /// Shared an upstream call made for an identical request.
+    Coalesced,
+    /// Sent to the API server, which answered (whatever its status).
+    Forwarded,
+    /// From memory because the API server could not answer (`cache.serveStale`).
+    Stale,
+    /// Refused by kache before reaching the API server (authentication,
+    /// authorization, limits, a body over the limit, a bad request).
+    Rejected,
+    /// The API server could not be reached or broke the exchange.
+    Error,
+    /// The client went away before the answer (code 499).
+    Cancelled,
+}
+
+impl Outcome {
+    /// Every outcome, in the order the documentation lists them.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Cache,
+        Outcome::Discovery,
+        Outcome::Coalesced,
+        Outcome::Forwarded,
+        Outcome::Stale,
+        Outcome::Rejected,
+        Outcome::Error,
+        Outcome::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Cache => "cache",
+            Outcome::Discovery => "discovery",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Forwarded => "forwarded",
+            Outcome::Stale => "stale",
+            Outcome::Rejected => "rejected",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub verb: &'static str,
+    pub verb: Verb,
     pub code: u16,
-    /// `forwarded`, `discovery` (answered by the discovery cache), `rejected` (by kache, before
-    /// reaching the upstream) or `error` (upstream failure).
-    pub outcome: &'static str,
+    pub outcome: Outcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct VerbLabels {
-    pub verb: &'static str,
+    pub verb: Verb,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -219,14 +279,14 @@ mod tests {
         metrics
             .requests
             .get_or_create(&RequestLabels {
-                verb: "list",
+                verb: Verb::List,
                 code: 200,
-                outcome: "forwarded",
+                outcome: Outcome::Forwarded,
             })
             .inc();
         metrics
             .duration
-            .get_or_create(&VerbLabels { verb: "list" })
+            .get_or_create(&VerbLabels { verb: Verb::List })
             .observe(0.01);
         metrics.mark_ready();
         let text = metrics.encode();

@@ -41,36 +41,12 @@ use crate::coalesce::{self, Coalescer};
 use crate::error::{rescue, Denied, ProxyError};
 use crate::forward;
 use crate::guard::LocalGuard;
-use crate::metrics::{ErrorLabels, Metrics, RequestLabels, VerbLabels};
+use crate::metrics::{ErrorLabels, Metrics, Outcome, RequestLabels, VerbLabels};
 use crate::upstream::Upstream;
 
-/// Everything a request needs, shared by all connections.
+/// Everything a request needs, shared by all connections: the stages, in
+/// the order a request meets them, and their settings.
 pub struct Pipeline {
-    guard: LocalGuard,
-    shared: Option<SharedAuth>,
-    client_key: ClientKeyConfig,
-    discovery: Discovery,
-    cache: Cache,
-    limiter: Arc<Limiter>,
-    coalescer: Coalescer,
-    upstream: Upstream,
-    metrics: Arc<Metrics>,
-    max_request_body_bytes: u64,
-    serve_stale: Option<std::time::Duration>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-}
-
-/// Shared mode's identify and authorize stages, and the connection that
-/// carries clients' own credentials (passthrough).
-pub struct SharedAuth {
-    pub authenticator: Authenticator,
-    pub authorizer: Authorizer,
-    /// The API server without kache's credentials.
-    pub bare_upstream: Upstream,
-}
-
-/// The parts a pipeline is built from.
-pub struct Stages {
     pub guard: LocalGuard,
     /// Shared mode's authentication and authorization; `None` in local mode.
     pub shared: Option<SharedAuth>,
@@ -90,38 +66,16 @@ pub struct Stages {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-impl Pipeline {
-    pub fn new(stages: Stages) -> Pipeline {
-        let Stages {
-            guard,
-            shared,
-            client_key,
-            discovery,
-            cache,
-            limiter,
-            coalescer,
-            upstream,
-            metrics,
-            max_request_body_bytes,
-            serve_stale,
-            shutdown,
-        } = stages;
-        Pipeline {
-            guard,
-            shared,
-            client_key,
-            discovery,
-            cache,
-            limiter,
-            coalescer,
-            upstream,
-            metrics,
-            max_request_body_bytes,
-            serve_stale,
-            shutdown,
-        }
-    }
+/// Shared mode's identify and authorize stages, and the connection that
+/// carries clients' own credentials (passthrough).
+pub struct SharedAuth {
+    pub authenticator: Authenticator,
+    pub authorizer: Authorizer,
+    /// The API server without kache's credentials.
+    pub bare_upstream: Upstream,
+}
 
+impl Pipeline {
     /// Answers one request. Never fails: kache's own errors become `Status` responses.
     pub async fn handle(self: Arc<Self>, peer: SocketAddr, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
@@ -149,15 +103,11 @@ impl Pipeline {
     }
 
     /// The stages. Returns the verb and outcome for metrics along with the response.
-    async fn run(
-        &self,
-        peer: SocketAddr,
-        request: Request<Incoming>,
-    ) -> (&'static str, &'static str, Response<Body>) {
+    async fn run(&self, peer: SocketAddr, request: Request<Incoming>) -> (Verb, Outcome, Response<Body>) {
         // identify: only clients this proxy is meant for get through; who they are.
         let caller = match self.identify(&request).await {
             Ok(caller) => caller,
-            Err(response) => return ("unknown", "rejected", response),
+            Err(response) => return (Verb::Unknown, Outcome::Rejected, response),
         };
         let user = caller.user_name(request.headers()).map(str::to_string);
         if let Some(user) = &user {
@@ -166,8 +116,8 @@ impl Pipeline {
         let client = ClientKey::identify_with(peer, request.headers(), user.as_deref(), &self.client_key);
         tracing::Span::current().record("client_key", client.as_str());
         // classify: what the API server would call this request.
-        let info = classify(&request);
-        let verb = info.verb().as_str();
+        let (info, understood) = classify(&request);
+        let verb = info.verb();
         // route: discovery and cacheable reads from memory (authorized for
         // the caller first), identical reads coalesced, everything else to
         // the upstream.
@@ -178,17 +128,17 @@ impl Pipeline {
             None => discovery::classify_path(request.uri().path()).is_some(),
         };
         let memory = match self.authorize_memory(&caller, &request, &info, from_memory).await {
-            ControlFlow::Break(response) => return (verb, "rejected", response),
+            ControlFlow::Break(response) => return (verb, Outcome::Rejected, response),
             ControlFlow::Continue(memory) => memory,
         };
         let request = if memory {
             let request = match self.route_discovery(request, &info).await {
-                ControlFlow::Break(response) => return (verb, "discovery", response),
+                ControlFlow::Break(response) => return (verb, Outcome::Discovery, response),
                 ControlFlow::Continue(request) => request,
             };
             match self.route_cache(request, &info, plan).await {
                 ControlFlow::Break(response) => {
-                    return (verb, "cache", self.ending_at_shutdown(response, &info))
+                    return (verb, Outcome::Cache, self.ending_at_shutdown(response, &info))
                 }
                 ControlFlow::Continue(request) => request,
             }
@@ -203,7 +153,7 @@ impl Pipeline {
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
             if declared.is_some_and(|length| length > limit) {
-                return (verb, "rejected", self.fail(&ProxyError::TooLarge(limit)));
+                return (verb, Outcome::Rejected, self.fail(&ProxyError::TooLarge(limit)));
             }
         }
         // admit + respond: what reaches the upstream takes a seat of the
@@ -239,7 +189,11 @@ impl Pipeline {
             _ => &self.upstream,
         };
         let who = caller.upstream;
-        let (outcome, result) = match coalesce::key_for(&request, who.identity(request.headers())) {
+        let (outcome, result) = match coalesce::key_for(
+            &request,
+            understood.then_some(&info),
+            who.identity(request.headers()),
+        ) {
             Some(key) => {
                 let upstream = upstream.clone();
                 let shutdown = self.shutdown.clone();
@@ -275,14 +229,14 @@ impl Pipeline {
                     }
                     Err(error) => Err(error),
                 };
-                ("forwarded", result.map_err(Shared::Owned))
+                (Outcome::Forwarded, result.map_err(Shared::Owned))
             }
         };
         if let Some((method, uri, headers)) = &stale_candidate {
             if let Some(why) = upstream_could_not_answer(&result) {
                 let user = caller.user.as_deref();
                 if let Some(response) = self.answer_stale(user, &info, (method, uri, headers), why).await {
-                    return (verb, "stale", response);
+                    return (verb, Outcome::Stale, response);
                 }
             }
         }
@@ -293,12 +247,12 @@ impl Pipeline {
             }
             Err(error) => {
                 let outcome = match error.as_ref() {
-                    ProxyError::TooManyRequests { .. }
+                    ProxyError::TooManyRequests(_)
                     | ProxyError::TooLarge(_)
                     | ProxyError::BadRequest(_)
                     | ProxyError::Forbidden(_)
-                    | ProxyError::Unauthenticated => "rejected",
-                    _ => "error",
+                    | ProxyError::Unauthenticated => Outcome::Rejected,
+                    _ => Outcome::Error,
                 };
                 (verb, outcome, self.fail(error.as_ref()))
             }
@@ -514,12 +468,12 @@ impl<'a> Tracked<'a> {
         }
     }
 
-    fn finish(&mut self, verb: &'static str, outcome: &'static str, code: u16) {
+    fn finish(&mut self, verb: Verb, outcome: Outcome, code: u16) {
         self.finished = true;
         self.record(verb, outcome, code);
     }
 
-    fn record(&self, verb: &'static str, outcome: &'static str, code: u16) {
+    fn record(&self, verb: Verb, outcome: Outcome, code: u16) {
         let elapsed = self.started.elapsed();
         self.metrics
             .requests
@@ -530,7 +484,7 @@ impl<'a> Tracked<'a> {
             .get_or_create(&VerbLabels { verb })
             .observe(elapsed.as_secs_f64());
         self.span.record("status", code);
-        self.span.record("outcome", outcome);
+        self.span.record("outcome", outcome.as_str());
         self.span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
         self.span.in_scope(|| tracing::info!("answered"));
     }
@@ -541,7 +495,7 @@ impl Drop for Tracked<'_> {
         self.metrics.in_flight.dec();
         if !self.finished {
             // 499, as proxies log a client that closed the request.
-            self.record("unknown", "cancelled", CLIENT_CLOSED_REQUEST);
+            self.record(Verb::Unknown, Outcome::Cancelled, CLIENT_CLOSED_REQUEST);
         }
     }
 }
@@ -570,7 +524,7 @@ impl Admission {
             &self.path,
             self.limits.long_running,
         );
-        self.limiter.acquire(demand).await
+        Ok(self.limiter.acquire(demand).await?)
     }
 }
 
@@ -619,11 +573,16 @@ impl AsRef<ProxyError> for Shared {
     }
 }
 
-/// Classifies a request and records it on the current span. A path the API
-/// server itself cannot classify is still forwarded: it answers authoritatively.
-fn classify(request: &Request<Incoming>) -> RequestInfo {
+/// Classifies a request (once: every stage uses this) and records it on the
+/// current span, with whether the API server's rules could classify it. A
+/// request they cannot is still forwarded, alone: the API server answers
+/// authoritatively.
+fn classify(request: &Request<Incoming>) -> (RequestInfo, bool) {
     let uri = request.uri();
-    let info = RequestInfo::parse(request.method().as_str(), uri.path(), uri.query()).unwrap_or_default();
+    let (info, understood) = match RequestInfo::parse(request.method().as_str(), uri.path(), uri.query()) {
+        Ok(info) => (info, true),
+        Err(_) => (RequestInfo::default(), false),
+    };
     let span = tracing::Span::current();
     span.record("verb", info.verb().as_str());
     if info.is_resource_request {
@@ -632,5 +591,5 @@ fn classify(request: &Request<Incoming>) -> RequestInfo {
             span.record("namespace", info.namespace.as_str());
         }
     }
-    info
+    (info, understood)
 }
