@@ -78,6 +78,10 @@ const JANITOR_PERIOD: Duration = Duration::from_secs(10);
 /// saved (a full or read-only disk would otherwise warn every interval, for
 /// every resource).
 const SAVE_WARNING_PERIOD: Duration = Duration::from_secs(300);
+/// How long a read that would start a store waits for the warm start (the
+/// cluster's identity, then reading the snapshots): past it, the store starts
+/// cold rather than keep the client waiting.
+const WARM_START_WAIT: Duration = Duration::from_secs(10);
 /// How long a consistency check of a quiet resource (its version compacted)
 /// gives the store to receive changes up to the API server's current state.
 const CHECK_SETTLE: Duration = if cfg!(test) {
@@ -254,6 +258,10 @@ struct Inner {
     identity: OnceLock<Identity>,
     /// Milliseconds since `started` of the last warning about a failed save.
     save_warned: AtomicU64,
+    /// True once the previous run's snapshots were restored (or there is
+    /// nothing to restore): until then a read does not start a store cold,
+    /// which would LIST what a snapshot is about to give.
+    warm_started: tokio::sync::watch::Sender<bool>,
 }
 
 /// Whose state the snapshots hold.
@@ -276,6 +284,7 @@ impl Cache {
             buffer: config.watcher_backlog,
             ..WatchSettings::default()
         };
+        let config_snapshot_dir_is_none = config.snapshot_dir.is_none();
         Cache {
             inner: Arc::new(Inner {
                 client,
@@ -289,6 +298,7 @@ impl Cache {
                 config,
                 identity: OnceLock::new(),
                 save_warned: AtomicU64::new(u64::MAX),
+                warm_started: tokio::sync::watch::Sender::new(config_snapshot_dir_is_none),
             }),
         }
     }
@@ -492,6 +502,15 @@ impl Cache {
             let (until, reason) = *entry;
             if Instant::now() < until {
                 return Err(reason);
+            }
+        }
+        if !self.warm_started() {
+            let mut done = self.inner.warm_started.subscribe();
+            let _ = tokio::time::timeout(WARM_START_WAIT, done.wait_for(|done| *done)).await;
+            // The warm start may have restored this very store meanwhile.
+            let restored = self.inner.resources.get(&key).map(|cached| Arc::clone(&cached));
+            if let Some(cached) = restored {
+                return self.until_synced(cached).await;
             }
         }
         let cached = self
@@ -1003,10 +1022,22 @@ impl Cache {
     /// version (no LIST; a `410` relists). Until that watch is established
     /// the store answers nothing: reads wait for it, as for a first sync.
     /// Any other snapshot is removed with a warning; leftovers of
-    /// interrupted writes are removed. A resource already cached (a read
-    /// came first) keeps its store. Does nothing unless
-    /// [`Cache::enable_snapshots`] was called.
+    /// interrupted writes are removed. Reads that would start a store wait
+    /// for this (at most [`WARM_START_WAIT`]), so a restored resource is not
+    /// also listed. Restores nothing unless [`Cache::enable_snapshots`] was
+    /// called.
     pub async fn warm_start(&self) {
+        self.restore_snapshots().await;
+        self.inner.warm_started.send_replace(true);
+    }
+
+    /// Whether the warm start is over (or there was none to make): kache is
+    /// not ready before, since reads would wait for it.
+    pub fn warm_started(&self) -> bool {
+        *self.inner.warm_started.borrow()
+    }
+
+    async fn restore_snapshots(&self) {
         let Some(identity) = self.inner.identity.get().cloned() else {
             return;
         };
@@ -1930,6 +1961,42 @@ mod tests {
         );
         assert_eq!(rv, "11");
         assert_eq!(fake.lists(), 0, "no LIST: {:?}", fake.seen(""));
+    }
+
+    #[tokio::test]
+    async fn a_read_before_the_warm_start_waits_for_it_instead_of_listing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        saved(dir.path()).await;
+
+        let fake = Scripted::new(list_body(99, &[]));
+        fake.script_watch(WatchScript {
+            gate: None,
+            status: StatusCode::OK,
+            lines: vec![],
+        });
+        // Long enough for the restored store's watch to count as established.
+        let config = CacheConfig {
+            sync_timeout: Duration::from_secs(5),
+            ..snapshot_config(dir.path())
+        };
+        let cache = cache_with(fake.clone(), config);
+        assert!(!cache.warm_started(), "snapshots configured: a warm start is due");
+        // The read comes while kache still learns the cluster's identity.
+        let reader = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let (info, query, headers) = request(LIST_ALL, "application/json");
+                cache.serve(&info, query.as_deref(), &headers).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "the read waits for the warm start");
+        cache.enable_snapshots("https://upstream".into(), "uid-1".into());
+        cache.warm_start().await;
+        assert!(cache.warm_started());
+        let (items, _) = listed(reader.await.expect("reader"));
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!(fake.lists(), 0, "answered from the snapshot: {:?}", fake.seen(""));
     }
 
     #[tokio::test]

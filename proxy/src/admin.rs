@@ -30,6 +30,9 @@ impl AdminState {
         if !self.metrics.is_ready() {
             return Some("the API server has not answered yet");
         }
+        if !self.cache.warm_started() {
+            return Some("the cache is restoring its snapshots");
+        }
         if let Some(rbac) = &self.rbac {
             if !self.rbac_synced_once.load(Ordering::Relaxed) {
                 if !rbac.is_synced() {
