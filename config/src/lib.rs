@@ -12,6 +12,7 @@
 //! and context to the `kube` crate.
 
 mod cli;
+mod effective;
 mod file;
 mod limits;
 mod shared;
@@ -20,7 +21,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use cli::{Cli, Command, KubeconfigArgs, ServeArgs};
+pub use cli::{
+    CheckConfigArgs, Cli, Command, CompletionShell, CompletionsArgs, KubeconfigArgs, ServeArgs, VersionArgs,
+    VersionFormat,
+};
 pub use file::FileConfig;
 pub use limits::{
     ClassConfig, ClassLimits, ClientKeyConfig, ClientMatch, FileLimits, LimitsConfig, DEFAULT_CLASS,
@@ -207,6 +211,8 @@ pub struct ListenerConfig {
     pub accept_hosts: Vec<String>,
     /// When set, clients must present `Authorization: Bearer <token>`.
     pub access_token: Option<String>,
+    /// The file `access_token` was read from.
+    pub access_token_file: Option<PathBuf>,
 }
 
 /// How the main listener gets its serving certificate.
@@ -288,7 +294,7 @@ impl Config {
 
         let tls_cert = args.tls_cert.clone().or(file.tls.cert.clone());
         let tls_key = args.tls_key.clone().or(file.tls.key.clone());
-        let self_signed = args.tls || file.tls.self_signed.unwrap_or(false);
+        let self_signed = args.tls.or(file.tls.self_signed).unwrap_or(false);
         let tls = match (tls_cert, tls_key) {
             (Some(cert), Some(key)) => Some(TlsConfig::Files { cert, key }),
             (None, None) if self_signed => Some(TlsConfig::SelfSigned {
@@ -305,11 +311,8 @@ impl Config {
             }
         };
 
-        let access_token = match args
-            .access_token_file
-            .as_ref()
-            .or(file.access_token_file.as_ref())
-        {
+        let access_token_file = args.access_token_file.clone().or(file.access_token_file.clone());
+        let access_token = match &access_token_file {
             Some(path) => match std::fs::read_to_string(path) {
                 Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),
                 Ok(_) => {
@@ -438,7 +441,9 @@ impl Config {
             }
         }
 
-        let mode = merge_mode(args, &file, &tls, &access_token, listen, &mut errors);
+        // Whether a token is configured, read or not (an unreadable file is its own error).
+        let token_configured = access_token_file.is_some();
+        let mode = merge_mode(args, &file, &tls, token_configured, listen, &mut errors);
 
         match (listen, admin) {
             (Some(listen), Some(admin)) if errors.is_empty() => {
@@ -464,6 +469,7 @@ impl Config {
                         max_connections,
                         accept_hosts,
                         access_token,
+                        access_token_file,
                     },
                     admin: AdminConfig { addr: admin },
                     discovery,
@@ -482,7 +488,7 @@ fn merge_mode(
     args: &ServeArgs,
     file: &FileConfig,
     tls: &Option<TlsConfig>,
-    access_token: &Option<String>,
+    token_configured: bool,
     listen: Option<SocketAddr>,
     errors: &mut Vec<String>,
 ) -> Mode {
@@ -502,7 +508,7 @@ fn merge_mode(
         ),
         (
             "--allow-anonymous / shared.allowAnonymous",
-            args.allow_anonymous || f.allow_anonymous.is_some(),
+            args.allow_anonymous.is_some() || f.allow_anonymous.is_some(),
         ),
     ];
     match args.mode.or(file.mode).unwrap_or(ModeName::Local) {
@@ -512,10 +518,12 @@ fn merge_mode(
                     errors.push(format!("{name} applies to shared mode only (--mode shared)"));
                 }
             }
-            let exposed =
-                args.dangerously_expose_credentials || file.dangerously_expose_credentials.unwrap_or(false);
+            let exposed = args
+                .dangerously_expose_credentials
+                .or(file.dangerously_expose_credentials)
+                .unwrap_or(false);
             if let Some(listen) = listen {
-                if !listen.ip().is_loopback() && access_token.is_none() && !exposed {
+                if !listen.ip().is_loopback() && !token_configured && !exposed {
                     errors.push(format!(
                         "local mode listening on {listen} (not loopback) without an access token would let anyone \
                          who can connect use kache's credentials: set --access-token-file, use --mode shared, \
@@ -532,7 +540,7 @@ fn merge_mode(
                         .into(),
                 );
             }
-            if access_token.is_some() {
+            if token_configured {
                 errors.push(
                     "--access-token-file is for local mode; in shared mode every client authenticates as itself"
                         .into(),
@@ -545,7 +553,7 @@ fn merge_mode(
                     .authorization
                     .or(f.authorization)
                     .unwrap_or(AuthorizationMode::Rbac),
-                allow_anonymous: args.allow_anonymous || f.allow_anonymous.unwrap_or(false),
+                allow_anonymous: args.allow_anonymous.or(f.allow_anonymous).unwrap_or(false),
                 client_ca_file: args.client_ca_file.clone().or(f.client_ca_file.clone()),
                 token_cache_ttl: secs(f.token_cache_ttl_seconds, DEFAULT_TOKEN_CACHE_TTL),
                 token_failure_cache_ttl: secs(
@@ -605,9 +613,8 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let file: FileConfig =
-            serde_yaml::from_str("listen: 127.0.0.1:7000\ncontext: from-file\nkubeconfig: /file\n")
-                .expect("valid yaml");
+        let file = FileConfig::parse("listen: 127.0.0.1:7000\ncontext: from-file\nkubeconfig: /file\n")
+            .expect("valid yaml");
         let config =
             Config::merge(&serve(&["--listen", "127.0.0.1:7001", "--context", "flag"]), file).expect("valid");
         assert_eq!(config.listener.addr.port(), 7001);
@@ -617,8 +624,8 @@ mod tests {
 
     #[test]
     fn every_error_is_reported_at_once() {
-        let file: FileConfig =
-            serde_yaml::from_str("maxHeaderBytes: 10\nupstream: {timeoutSeconds: 0}\n").expect("valid yaml");
+        let file =
+            FileConfig::parse("maxHeaderBytes: 10\nupstream: {timeoutSeconds: 0}\n").expect("valid yaml");
         let err =
             Config::merge(&serve(&["--listen", "nonsense", "--tls-cert", "/c"]), file).expect_err("invalid");
         let text = err.to_string();
@@ -643,8 +650,8 @@ mod tests {
 
     #[test]
     fn preloaded_resources_name_a_group_version_and_resource() {
-        let file: FileConfig =
-            serde_yaml::from_str("cache: {preload: [v1/pods, apps/v1/deployments]}\n").expect("valid yaml");
+        let file =
+            FileConfig::parse("cache: {preload: [v1/pods, apps/v1/deployments]}\n").expect("valid yaml");
         let config = Config::merge(&serve(&[]), file).expect("valid");
         assert_eq!(
             config.cache.preload,
@@ -653,7 +660,7 @@ mod tests {
                 ("apps".to_string(), "v1".to_string(), "deployments".to_string())
             ]
         );
-        let file: FileConfig = serde_yaml::from_str("cache: {preload: [pods, a//b]}\n").expect("valid yaml");
+        let file = FileConfig::parse("cache: {preload: [pods, a//b]}\n").expect("valid yaml");
         let err = Config::merge(&serve(&[]), file).expect_err("invalid");
         assert_eq!(err.0.len(), 2, "{err}");
     }
@@ -667,7 +674,7 @@ mod tests {
             config.cache.consistency_check,
             Some(DEFAULT_CACHE_CONSISTENCY_CHECK)
         );
-        let file: FileConfig = serde_yaml::from_str(
+        let file = FileConfig::parse(
             "cache: {snapshots: false, serveStale: {maxStalenessSeconds: 120}, consistencyCheckSeconds: 0}\n",
         )
         .expect("valid yaml");
@@ -675,14 +682,13 @@ mod tests {
         assert_eq!(config.cache.snapshot_dir, None);
         assert_eq!(config.cache.serve_stale, Some(Duration::from_secs(120)));
         assert_eq!(config.cache.consistency_check, None, "0 turns the check off");
-        let file: FileConfig =
-            serde_yaml::from_str("cache: {serveStale: {maxStalenessSeconds: 0}}\n").expect("valid yaml");
+        let file = FileConfig::parse("cache: {serveStale: {maxStalenessSeconds: 0}}\n").expect("valid yaml");
         assert!(Config::merge(&serve(&[]), file).is_err());
     }
 
     #[test]
     fn unknown_file_fields_are_rejected() {
-        let err = serde_yaml::from_str::<FileConfig>("lisen: 127.0.0.1:1\n").expect_err("unknown field");
+        let err = FileConfig::parse("lisen: 127.0.0.1:1\n").expect_err("unknown field");
         assert!(err.to_string().contains("lisen"), "{err}");
     }
 
@@ -730,7 +736,7 @@ mod tests {
     fn shared_mode_needs_tls_and_takes_its_settings_from_flags_over_the_file() {
         let err = Config::merge(&serve(&["--mode", "shared"]), FileConfig::default()).expect_err("no TLS");
         assert!(err.to_string().contains("HTTPS"), "{err}");
-        let file: FileConfig = serde_yaml::from_str(
+        let file = FileConfig::parse(
             "mode: shared\nlisten: 0.0.0.0:8443\ntls: {selfSigned: true}\n\
              shared: {forward: passthrough, authorization: sar, tokenCacheTtlSeconds: 30}\n",
         )
@@ -765,5 +771,77 @@ mod tests {
         .expect("valid");
         std::fs::remove_file(&path).ok();
         assert_eq!(config.listener.access_token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn boolean_flags_given_false_override_the_file() {
+        let file =
+            FileConfig::parse("mode: shared\ntls: {selfSigned: true}\nshared: {allowAnonymous: true}\n")
+                .expect("valid yaml");
+        let err = Config::merge(&serve(&["--tls=false"]), file.clone()).expect_err("shared mode without TLS");
+        assert!(err.to_string().contains("HTTPS"), "{err}");
+        let config = Config::merge(&serve(&["--allow-anonymous=no"]), file.clone()).expect("valid");
+        let Mode::Shared(shared) = config.mode else {
+            panic!("expected shared mode");
+        };
+        assert!(!shared.allow_anonymous);
+        let config = Config::merge(&serve(&[]), file).expect("valid");
+        let Mode::Shared(shared) = config.mode else {
+            panic!("expected shared mode");
+        };
+        assert!(shared.allow_anonymous, "the file's, when no flag is given");
+    }
+
+    #[test]
+    fn accept_hosts_may_be_given_comma_separated() {
+        let config = Config::merge(
+            &serve(&[
+                "--accept-host",
+                "a.example,b.example",
+                "--accept-host",
+                "c.example",
+            ]),
+            FileConfig::default(),
+        )
+        .expect("valid");
+        for host in ["a.example", "b.example", "c.example"] {
+            assert!(config.listener.accept_hosts.contains(&host.to_string()), "{host}");
+        }
+    }
+
+    #[test]
+    fn check_config_takes_a_file_and_the_serve_flags() {
+        let cli = Cli::try_parse_from(["kache", "check-config", "/k.yaml", "--mode", "shared", "--tls"])
+            .expect("valid");
+        let Command::CheckConfig(args) = cli.command else {
+            panic!("expected check-config");
+        };
+        assert_eq!(args.file, Some(PathBuf::from("/k.yaml")));
+        assert_eq!(args.serve.mode, Some(ModeName::Shared));
+        assert_eq!(args.serve.tls, Some(true));
+        let cli = Cli::try_parse_from(["kache", "version", "-o", "json"]).expect("valid");
+        assert!(matches!(
+            cli.command,
+            Command::Version(VersionArgs {
+                output: VersionFormat::Json
+            })
+        ));
+        assert!(Cli::try_parse_from(["kache", "completions", "tcsh"]).is_err());
+    }
+
+    #[test]
+    fn an_unreadable_token_file_is_one_error_not_also_a_missing_token() {
+        let err = Config::merge(
+            &serve(&[
+                "--listen",
+                "0.0.0.0:8001",
+                "--access-token-file",
+                "/nonexistent/token",
+            ]),
+            FileConfig::default(),
+        )
+        .expect_err("unreadable token");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].contains("/nonexistent/token"), "{err}");
     }
 }

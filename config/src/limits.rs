@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The API server's own `--max-requests-inflight` default: kache never sends
 /// more concurrent requests than a single API server accepts by default, and
@@ -167,9 +167,10 @@ impl Default for LimitsConfig {
 }
 
 /// The `limits` section as written.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<usize>,
     #[serde(default)]
     pub default: FileClassLimits,
@@ -182,45 +183,56 @@ pub struct FileLimits {
 }
 
 /// `limits.clientKey` as written.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileClientKey {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<bool>,
 }
 
 /// The default class's limits as written.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileClassLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight_per_client: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_timeout_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_long_running_per_client: Option<usize>,
 }
 
 /// A named class as written; omitted limits inherit the default class's.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileClass {
     pub name: String,
     #[serde(rename = "match", default)]
     pub matches: FileMatch,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seats: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_in_flight_per_client: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_timeout_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_long_running_per_client: Option<usize>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileMatch {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub user_agent_prefixes: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path_prefixes: Vec<String>,
 }
 
@@ -396,7 +408,7 @@ mod tests {
     use crate::{Config, FileConfig, ServeArgs};
 
     fn validate(yaml: &str) -> Result<LimitsConfig, Vec<String>> {
-        let file: FileLimits = serde_yaml::from_str(yaml).expect("valid yaml");
+        let file: FileLimits = serde_saphyr::from_str(yaml).expect("valid yaml");
         let mut errors = Vec::new();
         let limits = file.validate(&mut errors);
         if errors.is_empty() {
@@ -493,13 +505,13 @@ mod tests {
             "default: {seats: 3}\n",
             "classes: [{name: a, seats: 1, match: {user: [x]}}]\n",
         ] {
-            assert!(serde_yaml::from_str::<FileLimits>(yaml).is_err(), "{yaml}");
+            assert!(serde_saphyr::from_str::<FileLimits>(yaml).is_err(), "{yaml}");
         }
     }
 
     #[test]
     fn limits_errors_are_reported_with_the_others() {
-        let file: FileConfig = serde_yaml::from_str(
+        let file = FileConfig::parse(
             "maxHeaderBytes: 10\nlimits: {maxInFlight: 0, default: {queueTimeoutSeconds: 0}}\n",
         )
         .expect("valid yaml");
@@ -513,8 +525,8 @@ mod tests {
 
     #[test]
     fn the_merged_config_carries_the_limits() {
-        let file: FileConfig = serde_yaml::from_str("limits: {maxInFlight: 20, default: {queueLength: 0}}\n")
-            .expect("valid yaml");
+        let file =
+            FileConfig::parse("limits: {maxInFlight: 20, default: {queueLength: 0}}\n").expect("valid yaml");
         let config = Config::merge(&ServeArgs::default(), file).expect("valid");
         assert_eq!(config.limits.max_in_flight, 20);
         assert_eq!(config.limits.default.seats, 20);

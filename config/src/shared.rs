@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Who kache serves.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +33,7 @@ impl Mode {
 }
 
 /// How a shared proxy's forwarded requests reach the API server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "camelCase")]
 pub enum ForwardMode {
     /// The client's own bearer token goes upstream unchanged: the API server
@@ -56,7 +56,7 @@ impl ForwardMode {
 }
 
 /// How answers from memory are authorized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "camelCase")]
 pub enum AuthorizationMode {
     /// An in-process RBAC evaluator fed by watches of the RBAC objects;
@@ -130,22 +130,31 @@ impl Default for SharedConfig {
 }
 
 /// `shared:` in the config file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileShared {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub forward: Option<ForwardMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization: Option<AuthorizationMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_anonymous: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_cache_ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_failure_cache_ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token_cache_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_cache_ttl_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_cache_size: Option<usize>,
 }
 
 /// `mode:` in the config file and `--mode` on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "camelCase")]
 pub enum ModeName {
     Local,

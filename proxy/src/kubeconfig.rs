@@ -14,7 +14,7 @@ pub enum KubeconfigError {
     #[error("reading the CA certificate {path}: {source}")]
     Ca { path: String, source: std::io::Error },
     #[error("rendering: {0}")]
-    Render(#[from] serde_yaml::Error),
+    Render(#[from] serde_saphyr::SerializeError),
 }
 
 /// Renders the kubeconfig as YAML. The namespace of the upstream
@@ -73,7 +73,7 @@ pub fn render(args: &KubeconfigArgs) -> Result<String, KubeconfigError> {
         "current-context": "kache",
         "preferences": {},
     });
-    Ok(serde_yaml::to_string(&kubeconfig)?)
+    Ok(serde_saphyr::to_string(&kubeconfig)?)
 }
 
 /// The default namespace of the upstream kubeconfig's context, if any.
@@ -122,7 +122,7 @@ mod tests {
             "/nonexistent",
         ]))
         .expect("render");
-        let value: Value = serde_yaml::from_str(&text).expect("yaml");
+        let value: Value = serde_saphyr::from_str(&text).expect("yaml");
         assert_eq!(value["clusters"][0]["cluster"]["server"], "http://127.0.0.1:7777");
         assert_eq!(value["current-context"], "kache");
         assert_eq!(value["users"][0]["user"], json!({}));
@@ -152,7 +152,7 @@ mod tests {
         ]))
         .expect("render");
         std::fs::remove_dir_all(&dir).ok();
-        let value: Value = serde_yaml::from_str(&text).expect("yaml");
+        let value: Value = serde_saphyr::from_str(&text).expect("yaml");
         assert_eq!(value["contexts"][0]["context"]["namespace"], "team-a");
         assert_eq!(value["users"][0]["user"]["token"], "t0ken");
         assert_eq!(value["clusters"][0]["cluster"]["server"], "http://localhost:9");

@@ -1,18 +1,25 @@
 //! The `kache` binary: parse the command line, set up logging, run.
 
-use clap::Parser;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::FromArgMatches;
 use kache_config::{Cli, Command, Config, ServeArgs};
 use tracing_subscriber::EnvFilter;
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> anyhow::Result<ExitCode> {
+    let matches = commands::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // One crypto provider for every TLS use (upstream, listener).
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Kubeconfig(args) => {
             print!("{}", kache_proxy::kubeconfig::render(&args)?);
-            Ok(())
         }
+        Command::CheckConfig(args) => return Ok(commands::check_config(args, &matches)),
+        Command::Version(args) => commands::version(&args),
+        Command::Completions(args) => commands::completions(&args),
         Command::Serve(args) => {
             let config = Config::load(&args)?;
             tracing_subscriber::fmt()
@@ -23,9 +30,10 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(serve(args, config))
+                .block_on(serve(args, config))?;
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(args: ServeArgs, config: Config) -> anyhow::Result<()> {
