@@ -351,15 +351,15 @@ fn base64_decode(s: &str) -> Vec<u8> {
 /// certificate has SAN IP:127.0.0.1).
 pub fn kubeconfig_with_server(src: &Path, server: &str, dest: &Path) {
     let text = std::fs::read_to_string(src).unwrap_or_else(|e| panic!("cannot read {}: {e}", src.display()));
-    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut doc: Value = serde_saphyr::from_str(&text).unwrap();
     let clusters = doc
         .get_mut("clusters")
-        .and_then(|c| c.as_sequence_mut())
+        .and_then(|c| c.as_array_mut())
         .unwrap_or_else(|| panic!("{} has no clusters", src.display()));
     for c in clusters {
-        c["cluster"]["server"] = serde_yaml::Value::from(server);
+        c["cluster"]["server"] = Value::from(server);
     }
-    std::fs::write(dest, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    std::fs::write(dest, serde_saphyr::to_string(&doc).unwrap()).unwrap();
 }
 
 // ------------------------------------------------------------ kache binary ----
@@ -694,7 +694,7 @@ impl Output {
     /// stdout parsed as YAML, as a JSON value.
     #[track_caller]
     pub fn yaml(&self) -> Value {
-        serde_yaml::from_str(&self.stdout)
+        serde_saphyr::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not YAML ({e}): {}", self.stdout))
     }
 }

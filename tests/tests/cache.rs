@@ -2067,8 +2067,8 @@ async fn reads_the_cache_cannot_answer_are_forwarded_and_answered_like_direct() 
         }
         if d.content_type.contains("yaml") {
             let (vy, dy): (Value, Value) = (
-                serde_yaml::from_slice(&v.body).unwrap(),
-                serde_yaml::from_slice(&d.body).unwrap(),
+                serde_saphyr::from_slice(&v.body).unwrap(),
+                serde_saphyr::from_slice(&d.body).unwrap(),
             );
             assert_eq!(items(&vy).len(), items(&dy).len(), "{what}");
             continue;
