@@ -1,5 +1,6 @@
-//! The admin listener: `/livez`, `/readyz`, `/metrics`. Kept off the main
-//! listener, which forwards those paths to the API server like any other.
+//! The admin listener: `/livez`, `/readyz`, `/metrics`, `/debug/cache`,
+//! `/debug/clients` (the cost ledger). Kept off the main listener, which
+//! forwards those paths to the API server like any other.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,12 +11,19 @@ use kache_cache::rbac::Rbac;
 use kache_cache::resources::Cache;
 
 use crate::body::{full, Body};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+
+/// Clients `/debug/clients` lists by default (`?limit=N`, at most
+/// [`MAX_CLIENTS_LISTED`]); the rest are aggregated.
+const CLIENTS_LISTED: usize = 20;
+const MAX_CLIENTS_LISTED: usize = 1000;
 
 /// What the admin endpoints read.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub cache: Cache,
+    pub ledger: Arc<Ledger>,
     /// Shared mode's RBAC evaluator: a new replica is not ready before it
     /// has the RBAC objects once (else every answer from memory would need a
     /// SubjectAccessReview). Later resyncs do not take readiness away: the
@@ -63,6 +71,23 @@ pub fn handle<B>(state: &AdminState, request: &Request<B>) -> Response<Body> {
             "application/json",
             serde_json::to_string_pretty(&state.cache.debug_view()).expect("invariant: a Value serializes"),
         ),
+        "/debug/clients" => {
+            let limit = request
+                .uri()
+                .query()
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|pair| pair.strip_prefix("limit="))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(CLIENTS_LISTED)
+                .min(MAX_CLIENTS_LISTED);
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&state.ledger.view(limit))
+                    .expect("invariant: the view serializes"),
+            )
+        }
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -107,9 +132,39 @@ mod tests {
         AdminState {
             metrics: Arc::new(Metrics::new()),
             cache: Cache::new(client, discovery, Default::default(), CacheMetrics::default()),
+            ledger: Arc::new(Ledger::default()),
             rbac: None,
             rbac_synced_once: AtomicBool::new(false),
         }
+    }
+
+    #[tokio::test]
+    async fn the_clients_view_lists_the_top_clients_and_aggregates_the_rest() {
+        use http_body_util::BodyExt;
+        let state = state();
+        for (name, calls) in [("a", 3), ("b", 2), ("c", 1)] {
+            let account = state.ledger.account(&crate::admit::ClientKey::new(name));
+            for _ in 0..calls {
+                account.answered(crate::metrics::Outcome::Forwarded, 200);
+                account.upstream_request();
+            }
+        }
+        let response = get(&state, "/debug/clients?limit=2");
+        assert_eq!(response.status(), 200);
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let view: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(view["tracked"], 3);
+        let clients: Vec<_> = view["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .map(|c| c["client"].clone())
+            .collect();
+        assert_eq!(clients, ["a", "b"]);
+        assert_eq!(view["clients"][0]["upstreamRequests"], 3);
+        assert_eq!(view["clients"][0]["requests"]["forwarded"], 3);
+        assert_eq!(view["others"]["clients"], 1);
+        assert_eq!(view["others"]["upstreamRequests"], 1);
     }
 
     fn get(state: &AdminState, path: &str) -> Response<Body> {

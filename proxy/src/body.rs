@@ -34,6 +34,69 @@ where
 }
 
 pin_project_lite::pin_project! {
+    /// A response body on its way to the client, counted into the client's
+    /// ledger account as it streams: bytes sent; for a forwarded answer, the
+    /// same bytes as upstream response bytes; for a watch from memory, each
+    /// frame as an object (one event per frame).
+    pub struct Counted<B> {
+        #[pin]
+        inner: B,
+        account: std::sync::Arc<crate::ledger::Account>,
+        upstream: bool,
+        frames_are_objects: bool,
+    }
+}
+
+impl<B> Counted<B> {
+    pub fn new(
+        inner: B,
+        account: std::sync::Arc<crate::ledger::Account>,
+        upstream: bool,
+        frames_are_objects: bool,
+    ) -> Counted<B> {
+        Counted {
+            inner,
+            account,
+            upstream,
+            frames_are_objects,
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.account.sent(data.len());
+                if *this.upstream {
+                    this.account.upstream_bytes(data.len());
+                }
+                if *this.frames_are_objects {
+                    this.account.sent_objects(1);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
     /// A long-running response (a watch, a log stream) that ends cleanly,
     /// after the frame in progress, once kache shuts down: clients see the
     /// stream end and re-watch elsewhere instead of waiting for a timeout.

@@ -25,6 +25,7 @@ pub mod error;
 pub mod forward;
 pub mod guard;
 pub mod kubeconfig;
+pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;
@@ -137,6 +138,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admit_metrics = AdmitMetrics::register(metrics.registry_mut());
     let authn_metrics = AuthnMetrics::register(metrics.registry_mut());
     let authz_metrics = AuthzMetrics::register(metrics.registry_mut());
+    let ledger = Arc::new(ledger::Ledger::default());
+    metrics
+        .registry_mut()
+        .register_collector(Box::new(ledger::LedgerCollector(ledger.clone())));
     let limiter = Arc::new(Limiter::new(&config.limits, admit_metrics));
     let metrics = Arc::new(metrics);
     let api_client: Arc<dyn kache_cache::upstream::ApiClient> = Arc::new(upstream.clone());
@@ -188,6 +193,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         coalescer: Coalescer::new(coalesce_metrics),
         upstream: upstream.clone(),
         metrics: metrics.clone(),
+        ledger: ledger.clone(),
         max_request_body_bytes: config.listener.max_request_body_bytes,
         serve_stale: config.cache.serve_stale,
         shutdown: shutdown_rx.clone(),
@@ -207,6 +213,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
         cache: cache.clone(),
+        ledger,
         rbac,
         rbac_synced_once: std::sync::atomic::AtomicBool::new(false),
     });

@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use futures::TryStreamExt;
@@ -41,6 +41,7 @@ use crate::coalesce::{self, Coalescer};
 use crate::error::{rescue, Denied, ProxyError};
 use crate::forward;
 use crate::guard::LocalGuard;
+use crate::ledger::{Account, Ledger};
 use crate::metrics::{ErrorLabels, Metrics, Outcome, RequestLabels, VerbLabels};
 use crate::upstream::Upstream;
 
@@ -57,6 +58,8 @@ pub struct Pipeline {
     pub coalescer: Coalescer,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
+    /// What each client asked and what it cost the API server.
+    pub ledger: Arc<Ledger>,
     /// The API server's limit on a write's body (`413` above it).
     pub max_request_body_bytes: u64,
     /// Reads the API server cannot answer are answered from memory at most
@@ -97,13 +100,32 @@ impl Pipeline {
         // Counted until answered, or until the client goes away and hyper
         // drops this future mid-way (the guard records that too).
         let mut tracked = Tracked::start(&self.metrics, span.clone(), started);
-        let (verb, outcome, response) = self.run(peer, request).instrument(span).await;
+        let (verb, outcome, response) = self.run(peer, request, &tracked.account).instrument(span).await;
         tracked.finish(verb, outcome, response.status().as_u16());
-        response
+        match tracked.account.get() {
+            Some(account) => {
+                if outcome == Outcome::Cache && verb == Verb::Get && response.status() == http::StatusCode::OK
+                {
+                    account.sent_objects(1);
+                }
+                let upstream = outcome == Outcome::Forwarded;
+                let events = outcome == Outcome::Cache && verb == Verb::Watch;
+                let account = Arc::clone(account);
+                response.map(|body| {
+                    crate::body::stream(crate::body::Counted::new(body, account, upstream, events))
+                })
+            }
+            None => response,
+        }
     }
 
     /// The stages. Returns the verb and outcome for metrics along with the response.
-    async fn run(&self, peer: SocketAddr, request: Request<Incoming>) -> (Verb, Outcome, Response<Body>) {
+    async fn run(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+        account: &OnceLock<Arc<Account>>,
+    ) -> (Verb, Outcome, Response<Body>) {
         // identify: only clients this proxy is meant for get through; who they are.
         let caller = match self.identify(&request).await {
             Ok(caller) => caller,
@@ -115,6 +137,7 @@ impl Pipeline {
         }
         let client = ClientKey::identify_with(peer, request.headers(), user.as_deref(), &self.client_key);
         tracing::Span::current().record("client_key", client.as_str());
+        let account = Arc::clone(account.get_or_init(|| self.ledger.account(&client)));
         // classify: what the API server would call this request.
         let (info, understood) = classify(&request);
         let verb = info.verb();
@@ -161,6 +184,7 @@ impl Pipeline {
         // by the call); the answer streams back, kache's failures as Status.
         let admission = Admission {
             limiter: self.limiter.clone(),
+            account,
             client,
             user,
             headers: request.headers().clone(),
@@ -455,6 +479,8 @@ struct Tracked<'a> {
     span: tracing::Span,
     started: Instant,
     finished: bool,
+    /// The client's ledger account, once the client is known.
+    account: OnceLock<Arc<Account>>,
 }
 
 impl<'a> Tracked<'a> {
@@ -465,6 +491,7 @@ impl<'a> Tracked<'a> {
             span,
             started,
             finished: false,
+            account: OnceLock::new(),
         }
     }
 
@@ -483,6 +510,12 @@ impl<'a> Tracked<'a> {
             .duration
             .get_or_create(&VerbLabels { verb })
             .observe(elapsed.as_secs_f64());
+        if let Some(account) = self.account.get() {
+            account.answered(outcome, code);
+            if outcome == Outcome::Forwarded {
+                account.upstream_request();
+            }
+        }
         self.span.record("status", code);
         self.span.record("outcome", outcome.as_str());
         self.span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
@@ -507,6 +540,8 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// seat when (and only if) it is made.
 struct Admission {
     limiter: Arc<Limiter>,
+    /// Charged the seat's time.
+    account: Arc<Account>,
     client: ClientKey,
     /// The authenticated user, for the limits' `users` rules.
     user: Option<String>,
@@ -524,7 +559,9 @@ impl Admission {
             &self.path,
             self.limits.long_running,
         );
-        Ok(self.limiter.acquire(demand).await?)
+        let mut permit = self.limiter.acquire(demand).await?;
+        permit.charge_to(Arc::clone(&self.account));
+        Ok(permit)
     }
 }
 

@@ -242,6 +242,7 @@ impl Limiter {
                     self.exempt_executing.inc();
                     return Ok(Permit {
                         held: Held::Exempt(self.exempt_executing.clone()),
+                        charged: None,
                     });
                 }
             }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{client_key::ClientKey, queue::Class};
 use crate::body::{Body, BoxError};
+use crate::ledger::Account;
 
 /// The right to have one request in flight upstream. Dropping it releases
 /// its seat (or long-running slot) and hands the seat to the next waiting
@@ -21,6 +22,8 @@ use crate::body::{Body, BoxError};
 #[must_use = "the seat is released as soon as the permit is dropped"]
 pub struct Permit {
     pub(super) held: Held,
+    /// The ledger account the seat's time is charged to.
+    pub(super) charged: Option<Arc<Account>>,
 }
 
 pub(super) enum Held {
@@ -48,7 +51,14 @@ impl Permit {
                 kind,
                 since: Instant::now(),
             },
+            charged: None,
         }
+    }
+
+    /// Charges the seat's time to a client's account in the cost ledger,
+    /// when it is released (exempt and long-running requests hold no seat).
+    pub fn charge_to(&mut self, account: Arc<Account>) {
+        self.charged = Some(account);
     }
 
     /// The class the request was admitted in (`exempt` for exempt requests).
@@ -85,7 +95,11 @@ impl Drop for Permit {
                 since,
             } => {
                 if *kind == Kind::Short {
-                    class.metrics.execution.observe(since.elapsed().as_secs_f64());
+                    let held = since.elapsed();
+                    class.metrics.execution.observe(held.as_secs_f64());
+                    if let Some(account) = &self.charged {
+                        account.held_seat(held);
+                    }
                 }
                 class.release(key, *kind);
             }
