@@ -571,9 +571,10 @@ fn config_text(docs: &[Value], name: &str) -> String {
         .to_string()
 }
 
+/// A config file's text, parsed as kache parses it.
 #[track_caller]
 fn parse_config(text: &str, what: &str) -> FileConfig {
-    serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}\n{text}"))
+    FileConfig::parse(text).unwrap_or_else(|e| panic!("{what}: {e}\n{text}"))
 }
 
 /// The checks both in-cluster Deployments (shared and local) pass: `kache
