@@ -398,6 +398,11 @@ fn response(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response<B
 
 /// The API server's answer to a LIST at the store's current state, in the
 /// store's `encoding`.
+/// How many objects a list or GET answered from the cache holds (a response
+/// extension, for the proxy's per-client accounting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Objects(pub usize);
+
 pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> Response<Bytes> {
     let namespace = (!plan.namespace.is_empty()).then_some(plan.namespace.as_str());
     let snapshot = store.snapshot(namespace, |o| matches(plan, o));
@@ -408,7 +413,7 @@ pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encod
             snapshot.resource_version,
             snapshot.objects.iter().map(|o| &o.bytes()[..]),
         );
-        return response(StatusCode::OK, encoding, body);
+        return with_objects(response(StatusCode::OK, encoding, body), snapshot.objects.len());
     }
     let size: usize = snapshot.objects.iter().map(|o| o.bytes().len() + 1).sum();
     let mut body = Vec::with_capacity(size + 160);
@@ -432,7 +437,12 @@ pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encod
         object.write_item(&mut body);
     }
     body.extend_from_slice(b"]}\n");
-    response(StatusCode::OK, encoding, body)
+    with_objects(response(StatusCode::OK, encoding, body), snapshot.objects.len())
+}
+
+fn with_objects(mut response: Response<Bytes>, objects: usize) -> Response<Bytes> {
+    response.extensions_mut().insert(Objects(objects));
+    response
 }
 
 /// The API server's answer to a GET: the object, or its `NotFound` Status,
@@ -448,11 +458,11 @@ pub fn get(
         (Some(object), Encoding::Json) => {
             let mut body = object.bytes().to_vec();
             body.push(b'\n');
-            response(StatusCode::OK, encoding, body)
+            with_objects(response(StatusCode::OK, encoding, body), 1)
         }
         (Some(object), Encoding::Protobuf) => {
             let body = crate::protobuf::object_body(&spec.api_version(), &spec.kind, object.bytes());
-            response(StatusCode::OK, encoding, body)
+            with_objects(response(StatusCode::OK, encoding, body), 1)
         }
         (None, _) => not_found(name, spec, encoding),
     }

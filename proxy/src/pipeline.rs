@@ -104,9 +104,8 @@ impl Pipeline {
         tracked.finish(verb, outcome, response.status().as_u16());
         match tracked.account.get() {
             Some(account) => {
-                if outcome == Outcome::Cache && verb == Verb::Get && response.status() == http::StatusCode::OK
-                {
-                    account.sent_objects(1);
+                if let Some(objects) = response.extensions().get::<kache_cache::reads::Objects>() {
+                    account.sent_objects(objects.0);
                 }
                 let upstream = outcome == Outcome::Forwarded;
                 let events = outcome == Outcome::Cache && verb == Verb::Watch;
