@@ -47,6 +47,9 @@ pub enum Bypass {
     NotFresh,
     TooOld,
     OverBudget,
+    /// The API server refuses kache's own LIST of the resource (401/403):
+    /// its reads are forwarded, for the API server to answer each client.
+    Refused,
     Disabled,
 }
 
@@ -69,6 +72,7 @@ impl Bypass {
             Bypass::NotFresh => "not_fresh",
             Bypass::TooOld => "too_old",
             Bypass::OverBudget => "over_budget",
+            Bypass::Refused => "refused",
             Bypass::Disabled => "disabled",
         }
     }

@@ -205,7 +205,14 @@ async fn follow(
                     store.replace(objects, resource_version);
                     backoff = config.min_backoff;
                 }
-                Err(error) => {
+                Err(ListError::Refused(status)) => {
+                    // kache's credentials may not list this resource: waiting
+                    // for a sync that cannot come would delay every read of it.
+                    tracing::warn!(resource = %spec.qualified_resource(), %status, "not cached: the API server refuses kache's list; reads are forwarded");
+                    store.refuse();
+                    return;
+                }
+                Err(ListError::Failed(error)) => {
                     tracing::warn!(resource = %spec.qualified_resource(), %error, "list failed");
                     store.mark_unsynced();
                     tokio::time::sleep(jittered(backoff)).await;
@@ -249,6 +256,12 @@ async fn follow(
 /// for a moment.
 pub const ESTABLISH_GRACE: Duration = Duration::from_millis(500);
 
+/// `401` or `403`: kache may not list the resource (a restricted service
+/// account), which retrying will not change soon.
+fn is_refusal(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+}
+
 /// Between half and all of `backoff`, so that the reflectors of many
 /// resources, cut off together, do not come back in step.
 fn jittered(backoff: Duration) -> Duration {
@@ -272,29 +285,47 @@ struct RawList<'a> {
     items: Vec<&'a RawValue>,
 }
 
+/// Why a LIST gave no objects.
+#[derive(Debug)]
+enum ListError {
+    /// `401`/`403`: kache may not list the resource.
+    Refused(StatusCode),
+    /// Anything else (unreachable, `5xx`, undecodable): worth retrying.
+    Failed(FetchError),
+}
+
+impl From<FetchError> for ListError {
+    fn from(error: FetchError) -> Self {
+        ListError::Failed(error)
+    }
+}
+
 /// LIST at `resourceVersion=0`: the objects (JSON with type meta, or
 /// protobuf messages) and the list's version.
 async fn list(
     client: &dyn ApiClient,
     spec: &ResourceSpec,
     encoding: Encoding,
-) -> Result<(Vec<Object>, u64), FetchError> {
+) -> Result<(Vec<Object>, u64), ListError> {
     let request = Request::get(format!("{}?resourceVersion=0", spec.collection_path()))
         .header(header::ACCEPT, ResourceSpec::accept(encoding))
         .body(())
         .map_err(|e| FetchError(e.to_string()))?;
     let response = client.fetch(request).await?;
+    if is_refusal(response.status()) {
+        return Err(ListError::Refused(response.status()));
+    }
     if response.status() != StatusCode::OK {
-        return Err(FetchError(format!(
+        return Err(ListError::Failed(FetchError(format!(
             "LIST {} answered {}",
             spec.collection_path(),
             response.status()
-        )));
+        ))));
     }
-    match encoding {
+    Ok(match encoding {
         Encoding::Json => json_list(spec, response.body()),
         Encoding::Protobuf => protobuf_list(spec, response.body()),
-    }
+    }?)
 }
 
 pub(crate) fn json_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>, u64), FetchError> {

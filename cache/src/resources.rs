@@ -567,10 +567,29 @@ impl Cache {
 
     async fn until_synced(&self, cached: Arc<Cached>) -> Result<Arc<Cached>, Bypass> {
         if cached.store.is_synced() || cached.store.wait_for(1, self.inner.config.sync_timeout).await {
-            Ok(cached)
-        } else {
-            Err(Bypass::NotSynced)
+            return Ok(cached);
         }
+        if cached.store.is_refused() {
+            // Forwarded until the negative entry expires; then kache tries
+            // again (its permissions may have been widened).
+            let key = Key {
+                gvr: Gvr {
+                    group: cached.spec.group.clone(),
+                    version: cached.spec.version.clone(),
+                    resource: cached.spec.resource.clone(),
+                },
+                encoding: cached.encoding,
+            };
+            self.inner
+                .resources
+                .remove_if(&key, |_, current| Arc::ptr_eq(current, &cached));
+            self.inner.negative.insert(
+                (key.gvr, Some(key.encoding)),
+                (Instant::now() + NEGATIVE_TTL, Bypass::Refused),
+            );
+            return Err(Bypass::Refused);
+        }
+        Err(Bypass::NotSynced)
     }
 
     /// What discovery says of a resource; `NotCacheable` unless it can be listed and watched.
@@ -1709,8 +1728,9 @@ mod tests {
     /// alike) by URI.
     struct Scripted {
         seen: Mutex<Vec<String>>,
-        /// The body of `LIST ?resourceVersion=0`.
+        /// The answer to `LIST ?resourceVersion=0`.
         list: Mutex<String>,
+        list_status: Mutex<StatusCode>,
         /// The answer to a consistency check's metadata LIST at the store's version.
         metadata: Mutex<(StatusCode, String)>,
         /// The answer to its metadata LIST of the current state.
@@ -1763,6 +1783,7 @@ mod tests {
             Arc::new(Scripted {
                 seen: Mutex::new(Vec::new()),
                 list: Mutex::new(list),
+                list_status: Mutex::new(StatusCode::OK),
                 metadata: Mutex::new((StatusCode::OK, metadata_body(&[]))),
                 current: Mutex::new((StatusCode::OK, metadata_body(&[]))),
                 watches: Mutex::new(Default::default()),
@@ -1801,7 +1822,7 @@ mod tests {
                     ),
                 ),
                 "/api/v1/configmaps?resourceVersion=0" => (
-                    StatusCode::OK,
+                    *self.list_status.lock().expect("lock"),
                     Bytes::from(self.list.lock().expect("lock").clone()),
                 ),
                 u if u.ends_with("&resourceVersionMatch=Exact") => {
@@ -1961,6 +1982,29 @@ mod tests {
         );
         assert_eq!(rv, "11");
         assert_eq!(fake.lists(), 0, "no LIST: {:?}", fake.seen(""));
+    }
+
+    #[tokio::test]
+    async fn a_resource_kache_may_not_list_is_forwarded_at_once_and_not_listed_again_for_a_while() {
+        let fake = Scripted::new(r#"{"kind":"Status","code":403}"#.to_string());
+        *fake.list_status.lock().expect("lock") = StatusCode::FORBIDDEN;
+        // A sync timeout longer than the test: only the refusal can end the wait.
+        let config = CacheConfig {
+            sync_timeout: Duration::from_secs(3600),
+            ..CacheConfig::default()
+        };
+        let cache = cache_with(fake.clone(), config);
+        let (info, query, headers) = request(LIST_ALL, "application/json");
+        for _ in 0..3 {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(60),
+                cache.serve(&info, query.as_deref(), &headers),
+            )
+            .await
+            .expect("answered before the sync timeout");
+            assert!(matches!(answer, Err(Bypass::Refused)), "{:?}", answer.err());
+        }
+        assert_eq!(fake.lists(), 1, "refused once, not listed again: {:?}", fake.seen(""));
     }
 
     #[tokio::test]

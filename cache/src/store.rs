@@ -367,6 +367,9 @@ pub struct Store {
     backlog: usize,
     /// Asks the reflector to list again (a failed consistency check).
     relist: tokio::sync::Notify,
+    /// The API server refused kache's own LIST (401/403): the store will
+    /// never sync, and [`Store::wait_for`] says so at once.
+    refused: std::sync::atomic::AtomicBool,
 }
 
 /// A point-in-time view for a LIST.
@@ -397,7 +400,22 @@ impl Store {
             window: window.max(1),
             backlog: backlog.max(1),
             relist: tokio::sync::Notify::new(),
+            refused: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The API server refused to let kache list the resource: the store is
+    /// closed, and readers waiting for it to sync stop waiting.
+    pub(crate) fn refuse(&self) {
+        self.refused.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.close();
+        // Wakes `wait_for`, whose condition reads the flag.
+        self.version.send_modify(|_| {});
+    }
+
+    /// Whether the API server refused kache's LIST of the resource.
+    pub fn is_refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -758,12 +776,17 @@ impl Store {
         })
     }
 
-    /// Waits until the store has reached `resource_version`, up to `timeout`.
+    /// Waits until the store has reached `resource_version`, up to `timeout`
+    /// (`false` at once if the store was refused).
     pub async fn wait_for(&self, resource_version: u64, timeout: Duration) -> bool {
         let mut version = self.version.subscribe();
-        tokio::time::timeout(timeout, version.wait_for(|v| *v >= resource_version))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let reached = tokio::time::timeout(
+            timeout,
+            version.wait_for(|v| *v >= resource_version || self.is_refused()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        reached && !self.is_refused()
     }
 }
 
