@@ -2,11 +2,12 @@
 //! API server's watch cache renders them, WATCH as a stream of events from
 //! the store, filtered per watcher.
 //!
-//! The rules mirror the v1.20 cacher (`storage/cacher/cacher.go`): a read
-//! with no `resourceVersion` is a consistent (etcd) read, and so are `Exact`,
-//! `continue`, and `limit` with a version other than `0`; those are never
-//! answered here. Anything the cache cannot render exactly (tables, partial
-//! metadata, YAML, pretty JSON, unknown parameters) is forwarded too.
+//! The rules mirror the v1.20 cacher (`storage/cacher/cacher.go`): a LIST or
+//! GET with no `resourceVersion` is a consistent (etcd) read, and so are
+//! `Exact`, `continue`, and `limit` with a version other than `0`; those are
+//! never answered here (a WATCH with no `resourceVersion` is the watch
+//! cache's, as one at `0`). Anything the cache cannot render exactly (tables,
+//! partial metadata, YAML, pretty JSON, unknown parameters) is forwarded too.
 //!
 //! Answers are in JSON or, for built-in resources, protobuf, as the API
 //! server's content negotiation would pick from the client's `Accept`
@@ -21,11 +22,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 
 use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
 use crate::selector::{FieldSelector, LabelSelector};
-use crate::store::{parse_resource_version, Encoding, Event, EventType, Notice, Object, Store, WatchError};
+use crate::store::{
+    parse_resource_version, Encoding, Event, EventType, Notice, Object, Store, WatchError, WatchStart,
+};
 use crate::upstream::{ByteStream, FetchError};
 
 /// Why a read is forwarded rather than answered from the cache (a metric label).
@@ -157,19 +161,29 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         Verb::Watch if !info.name.is_empty() => return Err(Bypass::Parameters),
         Verb::Watch => ReadKind::Watch {
             bookmarks: read.allow_watch_bookmarks,
-            timeout: read
-                .timeout_seconds
-                .as_deref()
-                .and_then(|t| t.parse::<u64>().ok())
-                .filter(|t| *t > 0)
-                .map(Duration::from_secs),
+            timeout: watch_timeout(read.timeout_seconds.as_deref())?,
         },
         _ => return Err(Bypass::NotARead),
     };
+    // The API server decodes these as int64 and answers 400 when it cannot.
+    for number in [&read.timeout_seconds, &read.limit].into_iter().flatten() {
+        if number.parse::<i64>().is_err() {
+            return Err(Bypass::Parameters);
+        }
+    }
+    let watch = matches!(kind, ReadKind::Watch { .. });
     let version = match (
         read.resource_version.as_deref(),
         read.resource_version_match.as_deref(),
     ) {
+        // A watch may not name a match without `sendInitialEvents` (v1.20:
+        // not at all): the API server's 422.
+        (_, Some(_)) if watch => return Err(Bypass::Parameters),
+        // A watch without a version is served by the API server's watch cache
+        // exactly as one at `0` (v1.20 `Cacher.Watch` parses "" as 0; current
+        // `getWatchCacheResourceVersion`, its "legacy case"): the state as
+        // ADDED events, then the changes. It is not a consistent read.
+        (None | Some(""), _) if watch => MinVersion::Any,
         (None | Some(""), _) => return Err(Bypass::ConsistentRead),
         (_, Some("Exact")) => return Err(Bypass::Exact),
         (_, Some(m)) if m != "NotOlderThan" => return Err(Bypass::Parameters),
@@ -182,7 +196,7 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         return Err(Bypass::Continue);
     }
     let limited = read.limit.as_deref().is_some_and(|l| !l.is_empty() && l != "0");
-    if limited && version != MinVersion::Any && !matches!(kind, ReadKind::Watch { .. }) {
+    if limited && version != MinVersion::Any && !watch {
         return Err(Bypass::Limit);
     }
     let label = LabelSelector::parse(read.label_selector.as_deref().unwrap_or(""))
@@ -197,6 +211,23 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         version,
         accept,
     })
+}
+
+/// How long a watch lasts, from its `timeoutSeconds`: that many seconds
+/// exactly; absent or `0`, the handler's random default (`None`, see
+/// [`WatchSettings::default_timeout`]). A negative value, or one whose
+/// nanoseconds overflow Go's `time.Duration`, makes the API server's handler
+/// end the watch at once or at some odd time: such watches are left to it.
+/// A value that is not an integer is its 400 (see [`plan`]).
+fn watch_timeout(timeout_seconds: Option<&str>) -> Result<Option<Duration>, Bypass> {
+    let Some(Ok(seconds)) = timeout_seconds.map(str::parse::<i64>) else {
+        return Ok(None);
+    };
+    match seconds {
+        0 => Ok(None),
+        s if s < 0 || s.checked_mul(1_000_000_000).is_none() => Err(Bypass::Parameters),
+        s => Ok(Some(Duration::from_secs(s.unsigned_abs()))),
+    }
 }
 
 /// The encoding the API server would answer a read in, for each kind of
@@ -495,12 +526,15 @@ fn write_json_string(out: &mut Vec<u8>, s: &str) {
 /// Settings of watches served from the cache.
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
-    /// How often a watcher that asked for bookmarks gets one.
+    /// How often a watcher that asked for bookmarks gets one (the API
+    /// server's `defaultBookmarkFrequency`, a minute).
     pub bookmark_interval: Duration,
     /// Frames buffered per watcher before it is considered slow.
     pub buffer: usize,
-    /// A watch without `timeoutSeconds` ends after this (plus jitter), as the
-    /// API server ends it after its minimum request timeout.
+    /// A watch without `timeoutSeconds` ends after a random time in
+    /// `[default_timeout, 2 × default_timeout)`, as the API server's handler
+    /// ends it after `minRequestTimeout × (1 + rand)` (`--min-request-timeout`,
+    /// 1800 s by default).
     pub default_timeout: Duration,
 }
 
@@ -514,11 +548,39 @@ impl Default for WatchSettings {
     }
 }
 
+/// How long before a watch's deadline its last bookmark is due: the API
+/// server schedules one 2 s before it (`cacheWatcher.nextBookmarkTime`, v1.20
+/// and current alike), so that a client whose watch times out resumes from a
+/// version as recent as possible.
+const BOOKMARK_BEFORE_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Starts a watch served from the store. `on_end` runs when the watch ends
 /// (client gone, timeout, too slow, store stopped or rebuilt from a list
 /// older than itself). It outlives the store's upstream watch: while the
 /// reflector reconnects the watch stays open (until its timeout), and after
 /// a relist it gets the differences as events (see [`crate::store`]).
+///
+/// Its timing is the API server watch cache's (`cacher.go`, `cache_watcher.go`):
+///
+/// - It starts at once, whatever the requested version: one newer than the
+///   store gets the events after it as the store reaches them (the cacher
+///   neither waits nor fails a plain watch; only a WatchList request, which
+///   is not served here, waits up to 3 s and then gets a `Too large resource
+///   version` ERROR event).
+/// - It is *at* a version from the start: the requested one, or the store's
+///   for `0`, or its last replayed event's; it never sends an event or a
+///   bookmark at or below that version (the cacher's `event.ResourceVersion >
+///   resourceVersion` in `cacheWatcher.process`).
+/// - With `allowWatchBookmarks`, a BOOKMARK every `bookmark_interval` and one
+///   2 s before the deadline, at the version of the last notice this watcher
+///   took from the store (never ahead of an event still on its way to it),
+///   and only if that is past the version the watch started at: on a quiet
+///   resource the API server sends none either. A bookmark that finds the
+///   client's buffer full is dropped, as the cacher's `nonblockingAdd` drops
+///   it; the next one carries a newer version.
+/// - It ends at its deadline (`timeoutSeconds` exactly, or the random default)
+///   with a clean end of stream, never an ERROR event, even while it waits
+///   for a client that stopped reading.
 ///
 /// # Errors
 /// The requested version is older than the retained events (the caller
@@ -551,42 +613,67 @@ pub fn watch(
     };
     tokio::spawn(async move {
         let _guard = OnEnd(Some(on_end));
-        let deadline = tokio::time::sleep(timeout);
+        let now = Instant::now();
+        let out = Outbox {
+            tx,
+            deadline: now.checked_add(timeout).unwrap_or_else(|| far_future(now)),
+            backlog: store.backlog(),
+        };
+        let mut next_bookmark = bookmarks
+            .then(|| next_bookmark_at(now, interval, out.deadline))
+            .flatten();
+        let WatchStart {
+            initial,
+            resource_version,
+            mut feed,
+        } = start;
+        // The version the watch is at once its replay is sent; at `0`, the
+        // store's (the cacher's replay of its state is at its version).
+        let started_at = initial
+            .iter()
+            .map(|e| e.resource_version)
+            .fold(if from == 0 { resource_version } else { from }, u64::max);
+        // The store's version as far as this watcher has taken its notices:
+        // everything up to it is on its way to the client.
+        let mut seen = resource_version;
+        let deadline = tokio::time::sleep_until(out.deadline);
         tokio::pin!(deadline);
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let mut last_sent = start.resource_version;
-        for event in &start.initial {
+        let bookmark_timer = tokio::time::sleep_until(next_bookmark.unwrap_or(out.deadline));
+        tokio::pin!(bookmark_timer);
+        for event in &initial {
             if let Some(frame) = frame_for(&plan, &frames, event) {
-                if tx.send(Ok(frame)).await.is_err() {
+                if !out.deliver(frame, &feed).await {
                     return;
                 }
             }
         }
-        let mut feed = start.feed;
         loop {
             tokio::select! {
                 notice = feed.recv() => match notice {
                     Ok(Notice::Event(event)) => {
-                        last_sent = event.resource_version;
+                        seen = seen.max(event.resource_version);
+                        if event.resource_version <= started_at {
+                            continue;
+                        }
                         if let Some(frame) = frame_for(&plan, &frames, &event) {
-                            if !deliver(&tx, frame, &feed, store.backlog()).await {
+                            if !out.deliver(frame, &feed).await {
                                 return;
                             }
                         }
                     }
-                    Ok(Notice::Progress(_)) => {}
+                    Ok(Notice::Progress(rv)) => seen = seen.max(rv),
                     Ok(Notice::Relisted { events, resource_version }) => {
-                        for event in events.iter() {
+                        for event in events.iter().filter(|e| e.resource_version > started_at) {
                             if let Some(frame) = frame_for(&plan, &frames, event) {
-                                if !deliver(&tx, frame, &feed, store.backlog()).await {
+                                if !out.deliver(frame, &feed).await {
                                     return;
                                 }
                             }
                         }
-                        last_sent = resource_version;
-                        if bookmarks {
+                        seen = seen.max(resource_version);
+                        if bookmarks && resource_version > started_at {
                             let frame = frames.bookmark(&store, resource_version);
-                            if !deliver(&tx, frame, &feed, store.backlog()).await {
+                            if !out.deliver(frame, &feed).await {
                                 return;
                             }
                         }
@@ -595,14 +682,19 @@ pub fn watch(
                     // the watch; the client resumes or relists.
                     Ok(Notice::End) | Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
                 },
-                _ = ticker.tick(), if bookmarks => {
-                    let rv = store.resource_version().max(last_sent);
-                    if tx.send(Ok(frames.bookmark(&store, rv))).await.is_err() {
+                () = &mut bookmark_timer, if next_bookmark.is_some() => {
+                    let due = next_bookmark.take().unwrap_or(out.deadline);
+                    if seen > started_at && !out.offer(frames.bookmark(&store, seen)) {
                         return;
+                    }
+                    // The one before the deadline is the last.
+                    next_bookmark = next_bookmark_at(Instant::now(), interval, out.deadline).filter(|at| *at > due);
+                    if let Some(at) = next_bookmark {
+                        bookmark_timer.as_mut().reset(at);
                     }
                 }
                 () = &mut deadline => return,
-                () = tx.closed() => return,
+                () = out.tx.closed() => return,
             }
         }
     });
@@ -622,33 +714,77 @@ pub fn watch(
     Ok(response)
 }
 
-/// Sends a live frame to the client, or gives up on a client that stopped
-/// reading: once the events waiting for it fill its share of the broadcast,
-/// it has fallen too far behind and its watch ends (the client relists).
-async fn deliver(
-    tx: &mpsc::Sender<Result<Bytes, FetchError>>,
-    frame: Bytes,
-    feed: &broadcast::Receiver<Notice>,
+/// When a watcher's next bookmark is due, from `now`: after `interval`, or
+/// 2 s before the `deadline` if that is sooner; `None` once that is past
+/// (`cacheWatcher.nextBookmarkTime`).
+fn next_bookmark_at(now: Instant, interval: Duration, deadline: Instant) -> Option<Instant> {
+    let before_deadline = deadline.checked_sub(BOOKMARK_BEFORE_DEADLINE)?;
+    let at = now
+        .checked_add(interval)
+        .map_or(before_deadline, |at| at.min(before_deadline));
+    (at >= now).then_some(at)
+}
+
+/// An instant no watch outlives (a `timeoutSeconds` too large to add).
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(86_400 * 365 * 30)
+}
+
+/// Where a watch's frames go: the client's stream, until the watch's deadline.
+struct Outbox {
+    tx: mpsc::Sender<Result<Bytes, FetchError>>,
+    deadline: Instant,
+    /// Notices a watcher may leave untaken before it has fallen behind.
     backlog: usize,
-) -> bool {
-    let mut frame = Some(frame);
-    loop {
-        tokio::select! {
-            permit = tx.reserve() => {
-                return match (permit, frame.take()) {
-                    (Ok(permit), Some(frame)) => {
-                        permit.send(Ok(frame));
-                        true
-                    }
-                    _ => false,
-                };
+}
+
+impl Outbox {
+    /// Queues a frame for the client, waiting for room; `false` when the
+    /// watch must end instead: the client is gone, the deadline passed while
+    /// waiting, or the client stopped reading for so long that the notices
+    /// waiting for this watcher fill its share of the broadcast (it is ended
+    /// as the cacher ends a watcher it cannot hand an event to, and the
+    /// client resumes or relists).
+    async fn deliver(&self, frame: Bytes, feed: &broadcast::Receiver<Notice>) -> bool {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Ok(frame));
+                return true;
             }
-            () = tokio::time::sleep(SLOW_CHECK) => {
-                if feed.len() >= backlog {
-                    return false;
+            Err(mpsc::error::TrySendError::Closed(())) => return false,
+            Err(mpsc::error::TrySendError::Full(())) => {}
+        }
+        let mut frame = Some(frame);
+        let deadline = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                permit = self.tx.reserve() => {
+                    return match (permit, frame.take()) {
+                        (Ok(permit), Some(frame)) => {
+                            permit.send(Ok(frame));
+                            true
+                        }
+                        _ => false,
+                    };
                 }
+                () = tokio::time::sleep(SLOW_CHECK) => {
+                    if feed.len() >= self.backlog {
+                        return false;
+                    }
+                }
+                () = &mut deadline => return false,
             }
         }
+    }
+
+    /// Queues a bookmark if there is room now, else drops it; `false` when
+    /// the client is gone.
+    fn offer(&self, frame: Bytes) -> bool {
+        !matches!(
+            self.tx.try_send(Ok(frame)),
+            Err(mpsc::error::TrySendError::Closed(_))
+        )
     }
 }
 
@@ -665,12 +801,15 @@ impl<F: FnOnce()> Drop for OnEnd<F> {
     }
 }
 
+/// `base × (1 + r)` for a pseudo-random `r` in `[0, 1)`, as the handler's
+/// `minRequestTimeout × (rand.Float64() + 1.0)`: watches opened together do
+/// not all end (and come back) together.
 fn jittered(base: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    base + base.mul_f64(f64::from(nanos % 1000) / 1000.0)
+    base + base.mul_f64(f64::from(nanos) / 1e9)
 }
 
 /// The frame a watcher gets for an event, if any, with the API server's

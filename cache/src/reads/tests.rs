@@ -39,6 +39,11 @@ fn only_reads_the_watch_cache_would_answer_are_planned() {
         "/api/v1/pods?watch=true&resourceVersion=12&allowWatchBookmarks=true&timeoutSeconds=300",
         "/api/v1/watch/pods?resourceVersion=0",
         "/apis/stable.example.com/v1/crontabs?resourceVersion=0",
+        // The watch cache serves a watch without a version as one at 0.
+        "/api/v1/pods?watch=true",
+        "/api/v1/pods?watch=true&timeoutSeconds=0",
+        // A list ignores timeoutSeconds once it is an integer.
+        "/api/v1/pods?resourceVersion=0&timeoutSeconds=-1",
     ];
     for uri in served {
         assert!(
@@ -50,7 +55,30 @@ fn only_reads_the_watch_cache_would_answer_are_planned() {
     let forwarded = [
         ("/api/v1/pods", Bypass::ConsistentRead),
         ("/api/v1/pods?limit=500", Bypass::ConsistentRead),
-        ("/api/v1/pods?watch=true", Bypass::ConsistentRead),
+        // A watch naming a match: the API server's 422.
+        (
+            "/api/v1/pods?watch=true&resourceVersion=5&resourceVersionMatch=NotOlderThan",
+            Bypass::Parameters,
+        ),
+        // Not an int64: the API server's 400.
+        (
+            "/api/v1/pods?resourceVersion=0&timeoutSeconds=abc",
+            Bypass::Parameters,
+        ),
+        (
+            "/api/v1/pods?watch=true&resourceVersion=0&timeoutSeconds=",
+            Bypass::Parameters,
+        ),
+        ("/api/v1/pods?resourceVersion=0&limit=ten", Bypass::Parameters),
+        // Watches the API server's handler ends at once, or overflows the timeout of.
+        (
+            "/api/v1/pods?watch=true&resourceVersion=0&timeoutSeconds=-5",
+            Bypass::Parameters,
+        ),
+        (
+            "/api/v1/pods?watch=true&resourceVersion=0&timeoutSeconds=9300000000",
+            Bypass::Parameters,
+        ),
         (
             "/api/v1/pods?resourceVersion=0&resourceVersionMatch=Exact",
             Bypass::Exact,
@@ -831,4 +859,269 @@ async fn a_stopped_store_ends_its_watches_and_refuses_new_ones() {
         || {},
     );
     assert!(matches!(refused, Err(WatchError::Stopped)));
+}
+
+// ------------------------------------------------------- watch timing ----
+//
+// In paused time: every instant below is the API server's schedule, not a
+// measured latency.
+
+/// A watch of configmaps with `query` added, on `store`.
+fn timed_watch(store: &Arc<Store>, query: &str, settings: &WatchSettings) -> Response<ByteStream> {
+    let plan = plan_for(&format!("/api/v1/configmaps?watch=true&{query}"), None).expect("plan");
+    watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        settings,
+        || {},
+    )
+    .expect("watch")
+}
+
+/// Everything a watch sends until it ends, as (whole seconds since
+/// `started`, event type, the object's resourceVersion), then (second,
+/// "END", "") for a clean end of the stream.
+async fn timeline(
+    mut response: Response<ByteStream>,
+    started: tokio::time::Instant,
+) -> Vec<(u64, String, String)> {
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    while let Some(chunk) = response.body_mut().next().await {
+        let chunk = chunk.expect("no error");
+        let at = started.elapsed().as_secs();
+        for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let event: serde_json::Value = serde_json::from_slice(line).expect("json");
+            out.push((
+                at,
+                s(&event["type"]),
+                s(&event["object"]["metadata"]["resourceVersion"]),
+            ));
+        }
+    }
+    out.push((started.elapsed().as_secs(), "END".into(), String::new()));
+    out
+}
+
+fn row(at: u64, kind: &str, rv: &str) -> (u64, String, String) {
+    (at, kind.to_string(), rv.to_string())
+}
+
+fn minute_bookmarks() -> WatchSettings {
+    WatchSettings {
+        bookmark_interval: Duration::from_secs(60),
+        ..WatchSettings::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn bookmarks_come_every_interval_and_two_seconds_before_the_deadline() {
+    let store = store_with(vec![], 5);
+    let started = tokio::time::Instant::now();
+    let response = timed_watch(
+        &store,
+        "resourceVersion=5&allowWatchBookmarks=true&timeoutSeconds=150",
+        &minute_bookmarks(),
+    );
+    store.progress(7);
+    assert_eq!(
+        timeline(response, started).await,
+        [
+            row(60, "BOOKMARK", "7"),
+            // The version did not move since, but it is past the watch's: sent again.
+            row(120, "BOOKMARK", "7"),
+            row(148, "BOOKMARK", "7"),
+            row(150, "END", ""),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_bookmark_is_sent_until_the_store_moves_past_the_watchs_version() {
+    let store = store_with(vec![configmap("a", "x", 3, &[])], 5);
+    let started = tokio::time::Instant::now();
+    let at_five = timed_watch(
+        &store,
+        "resourceVersion=5&allowWatchBookmarks=true&timeoutSeconds=150",
+        &minute_bookmarks(),
+    );
+    // At 0 the watch is at the store's version once its state is sent.
+    let at_zero = timed_watch(
+        &store,
+        "resourceVersion=0&allowWatchBookmarks=true&timeoutSeconds=150",
+        &minute_bookmarks(),
+    );
+    let (at_five, at_zero) = tokio::join!(timeline(at_five, started), timeline(at_zero, started));
+    assert_eq!(at_five, [row(150, "END", "")]);
+    assert_eq!(at_zero, [row(0, "ADDED", "3"), row(150, "END", "")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_newer_than_the_store_starts_at_once_and_gets_only_later_events() {
+    let store = store_with(vec![], 5);
+    let started = tokio::time::Instant::now();
+    let query = |rv: u64| format!("resourceVersion={rv}&allowWatchBookmarks=true&timeoutSeconds=100");
+    let at_ten = timed_watch(&store, &query(10), &minute_bookmarks());
+    let at_twenty = timed_watch(&store, &query(20), &minute_bookmarks());
+    for rv in 6..=12 {
+        store.apply(EventType::Added, configmap("a", &format!("o{rv}"), rv, &[]));
+    }
+    let (at_ten, at_twenty) = tokio::join!(timeline(at_ten, started), timeline(at_twenty, started));
+    assert_eq!(
+        at_ten,
+        [
+            row(0, "ADDED", "11"),
+            row(0, "ADDED", "12"),
+            row(60, "BOOKMARK", "12"),
+            row(98, "BOOKMARK", "12"),
+            row(100, "END", ""),
+        ]
+    );
+    assert_eq!(
+        at_twenty,
+        [row(100, "END", "")],
+        "nothing at or below its version, bookmarks included"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn watches_end_cleanly_at_their_timeout_or_the_random_default() {
+    let store = store_with(vec![], 5);
+    let started = tokio::time::Instant::now();
+    // Too short for a bookmark 2 s before its end.
+    let short = timed_watch(
+        &store,
+        "resourceVersion=5&allowWatchBookmarks=true&timeoutSeconds=1",
+        &minute_bookmarks(),
+    );
+    store.progress(9);
+    assert_eq!(timeline(short, started).await, [row(1, "END", "")]);
+
+    let started = tokio::time::Instant::now();
+    let settings = WatchSettings::default();
+    let unbounded = timed_watch(&store, "resourceVersion=9", &settings);
+    let ended = timeline(unbounded, started).await;
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    let lasted = Duration::from_secs(ended[0].0);
+    assert!(
+        lasted >= settings.default_timeout && lasted < 2 * settings.default_timeout,
+        "{lasted:?}: not in [minRequestTimeout, 2 × minRequestTimeout)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stopped_reading_is_still_ended_at_its_deadline() {
+    let store = Arc::new(Store::new(100, 1000));
+    store.replace(vec![], 5);
+    let settings = WatchSettings {
+        buffer: 1,
+        ..WatchSettings::default()
+    };
+    let plan = plan_for(
+        "/api/v1/configmaps?watch=true&resourceVersion=5&timeoutSeconds=30",
+        None,
+    )
+    .expect("plan");
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ended.clone();
+    let unread = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &settings,
+        move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+    )
+    .expect("watch");
+    for rv in 6..=8 {
+        store.apply(EventType::Added, configmap("a", &format!("o{rv}"), rv, &[]));
+    }
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert!(!ended.load(std::sync::atomic::Ordering::SeqCst), "ended early");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        ended.load(std::sync::atomic::Ordering::SeqCst),
+        "still open past its deadline, waiting for its client"
+    );
+    drop(unread);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bookmarks_never_run_ahead_of_the_events_still_on_their_way() {
+    use futures::StreamExt;
+    const ROUNDS: u64 = 12;
+    const BURST: u64 = 5;
+    let store = store_with(vec![], 5);
+    let settings = WatchSettings {
+        bookmark_interval: Duration::from_secs(1),
+        buffer: 2,
+        ..WatchSettings::default()
+    };
+    let started = tokio::time::Instant::now();
+    let round = move |r: u64, after: Duration| started + Duration::from_secs(10 * r) + after;
+    let mut response = timed_watch(
+        &store,
+        "resourceVersion=5&allowWatchBookmarks=true&timeoutSeconds=600",
+        &settings,
+    );
+    // Each round, a burst of changes fills the client's buffer and the
+    // watcher waits with the rest of them in its feed while a bookmark
+    // falls due; then the client reads again.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut rv = 5;
+            for r in 0..ROUNDS {
+                tokio::time::sleep_until(round(r, Duration::from_millis(100))).await;
+                for _ in 0..BURST {
+                    rv += 1;
+                    store.apply(EventType::Added, configmap("a", &format!("o{rv}"), rv, &[]));
+                }
+            }
+        })
+    };
+    let mut events = Vec::new();
+    let mut added = 0;
+    for r in 0..ROUNDS {
+        tokio::time::sleep_until(round(r, Duration::from_millis(1500))).await;
+        while added < (r + 1) * BURST {
+            let chunk = response.body_mut().next().await.expect("open").expect("no error");
+            for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let event: serde_json::Value = serde_json::from_slice(line).expect("json");
+                let rv: u64 = event["object"]["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|rv| rv.parse().ok())
+                    .expect("rv");
+                let kind = event["type"].as_str().unwrap_or("").to_string();
+                added += u64::from(kind == "ADDED");
+                events.push((kind, rv));
+            }
+        }
+    }
+    writer.await.expect("writer");
+    let mut bookmarked = 0;
+    let mut delivered = 0;
+    for (kind, rv) in &events {
+        match kind.as_str() {
+            "BOOKMARK" => {
+                assert!(
+                    *rv <= delivered,
+                    "a bookmark at {rv} ahead of the events up to it: {events:?}"
+                );
+                bookmarked = *rv;
+            }
+            _ => {
+                assert!(
+                    *rv > bookmarked,
+                    "an event at {rv} after a bookmark at {bookmarked}: {events:?}"
+                );
+                delivered = *rv;
+            }
+        }
+    }
+    assert_eq!(delivered, 5 + ROUNDS * BURST);
+    assert!(bookmarked > 0, "no bookmark at all: {events:?}");
 }
