@@ -82,7 +82,7 @@ Examples:
 #[command(
     name = "kache",
     version,
-    about,
+    about = "A caching reverse proxy for the Kubernetes API server.",
     after_help = TOP_AFTER_HELP,
     after_long_help = TOP_AFTER_LONG_HELP
 )]
@@ -98,9 +98,11 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a kubeconfig whose cluster is this proxy.
     Kubeconfig(KubeconfigArgs),
-    /// Check a config file (with any flags and KACHE_* variables) as `serve`
-    /// would, and print the configuration that results, defaults filled in.
-    /// Starts nothing, contacts nothing; exits 1 if the configuration is invalid.
+    /// Check a config file as `serve` would and print the configuration it gives.
+    ///
+    /// The file is merged with any flags and KACHE_* variables as `serve`
+    /// merges them, and printed with every default filled in. Starts
+    /// nothing, contacts nothing; exits 1 if the configuration is invalid.
     CheckConfig(CheckConfigArgs),
     /// Print the version, the commit and how this binary was built.
     Version(VersionArgs),

@@ -190,6 +190,48 @@ fn precedence_is_flags_then_environment_then_file_then_defaults() {
 }
 
 #[test]
+fn help_says_what_kache_and_each_command_are() {
+    const ABOUT: &str = "A caching reverse proxy for the Kubernetes API server.";
+    for args in [&["--help"][..], &["-h"], &["help"]] {
+        let out = kache(args, &[]);
+        assert!(out.status.success(), "kache {args:?}: {}", stderr(&out));
+        let help = stdout(&out);
+        assert_eq!(help.lines().next(), Some(ABOUT), "kache {args:?}:\n{help}");
+    }
+    // Each command's help starts with its own one-line summary (the same
+    // `kache --help` lists it with), never the top-level line or a crate's
+    // description.
+    let top = stdout(&kache(&["--help"], &[]));
+    for (command, summary) in [
+        ("serve", "Run the proxy in front of the cluster of a kubeconfig"),
+        ("kubeconfig", "Print a kubeconfig whose cluster is this proxy"),
+        (
+            "check-config",
+            "Check a config file as `serve` would and print the configuration it gives",
+        ),
+        (
+            "version",
+            "Print the version, the commit and how this binary was built",
+        ),
+        ("completions", "Print a shell completion script"),
+    ] {
+        assert!(
+            top.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>().join(" ") == format!("{command} {summary}")),
+            "kache --help does not list `{command}` as {summary:?}:\n{top}"
+        );
+        let help = stdout(&kache(&[command, "-h"], &[]));
+        assert_eq!(help.lines().next(), Some(summary), "kache {command} -h:\n{help}");
+        let long = stdout(&kache(&[command, "--help"], &[]));
+        let first = long.lines().next().unwrap_or_default();
+        assert!(
+            first.trim_end_matches('.') == summary,
+            "kache {command} --help starts with {first:?}"
+        );
+    }
+}
+
+#[test]
 fn version_names_the_commit_it_was_built_from() {
     let text = kache(&["version"], &[]);
     assert!(text.status.success(), "{}", stderr(&text));
