@@ -1846,6 +1846,34 @@ fn kache_flags(subcommand: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The environment variables kache reads its flags from, as `kache serve
+/// --help` and `kache kubeconfig --help` list them (`[env: KACHE_…]`).
+fn kache_flag_variables() -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for subcommand in ["serve", "kubeconfig"] {
+        let help = kache_without_a_cluster(&[subcommand.into(), "--help".into()]);
+        assert!(help.success(), "kache {subcommand} --help: {}", help.stderr);
+        for (at, tag) in help.stdout.match_indices("[env: ") {
+            let name: String = help.stdout[at + tag.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    // Every flag of `serve` has one, named after it: the list is complete.
+    for flag in kache_flags("serve") {
+        if flag != "--help" {
+            let name = format!("KACHE_{}", flag[2..].replace('-', "_").to_ascii_uppercase());
+            assert!(
+                names.contains(&name),
+                "`kache serve --help` shows {flag} without [env: {name}] ({names:?})"
+            );
+        }
+    }
+    names
+}
+
 /// Checks a kache command line's subcommand and long flags against kache's
 /// own help.
 #[track_caller]
@@ -2416,6 +2444,48 @@ fn gitlab_scripts(pipeline: &Value) -> Vec<String> {
     scripts
 }
 
+/// The environment variables a CI example sets: the names in every `env`
+/// (GitHub Actions: the workflow's, a job's, a step's) and `variables`
+/// (GitLab: the pipeline's, a job's) mapping, and in its scripts every
+/// `NAME=value` word (an assignment, an `export`, a line appended to
+/// `$GITHUB_ENV`) and every name `export` is given.
+fn variables_set(doc: &Value, commands: &[ShellCommand]) -> BTreeSet<String> {
+    fn mappings(value: &Value, names: &mut BTreeSet<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    if let ("env" | "variables", Value::Object(variables)) = (key.as_str(), value) {
+                        names.extend(variables.keys().cloned());
+                    }
+                    mappings(value, names);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| mappings(v, names)),
+            _ => {}
+        }
+    }
+    let is_name = |name: &str| {
+        name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let mut names = BTreeSet::new();
+    mappings(doc, &mut names);
+    for command in commands {
+        let exports = command.words[0] == "export";
+        for word in command.words.iter().skip(usize::from(exports)) {
+            let name = match word.split_once('=') {
+                Some((name, _)) => name,
+                None if exports => word.as_str(),
+                None => continue,
+            };
+            if is_name(name) {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
 #[test]
 fn ci_examples_are_valid_yaml_and_kache_accepts_their_command_lines() {
     let tmp = tempfile::tempdir().unwrap();
@@ -2424,6 +2494,7 @@ fn ci_examples_are_valid_yaml_and_kache_accepts_their_command_lines() {
     // its cluster, after validating everything else.
     let vars = tmp.path().join("vars");
     let var = |name: &str| format!("{}/{name}", vars.display());
+    let flag_variables = kache_flag_variables();
     for (file, scripts) in [
         (GITHUB_ACTIONS, github_scripts as fn(&Value) -> Vec<String>),
         (GITLAB_CI, gitlab_scripts),
@@ -2434,6 +2505,17 @@ fn ci_examples_are_valid_yaml_and_kache_accepts_their_command_lines() {
             .iter()
             .flat_map(|s| shell_commands(s, &var))
             .collect();
+        // kache reads a KACHE_<FLAG> variable as that flag: one the job sets
+        // for itself (or for its clients) would configure kache instead.
+        let colliding: Vec<String> = variables_set(&docs[0], &commands)
+            .intersection(&flag_variables)
+            .cloned()
+            .collect();
+        assert!(
+            colliding.is_empty(),
+            "{file} sets {colliding:?}, which kache reads as its flags (`kache serve --help`): \
+             give the job's own variables other names"
+        );
         let invocations = kache_invocations(&commands);
         let serve: Vec<&Vec<String>> = invocations
             .iter()
@@ -2548,4 +2630,36 @@ fn shell_commands_are_split_as_the_shell_splits_them() {
     let invocations = kache_invocations(&commands);
     assert_eq!(invocations.len(), 2);
     assert_eq!(invocations[0].0[0], "serve");
+}
+
+#[test]
+fn variables_set_are_found_wherever_a_ci_file_sets_them() {
+    let doc = json!({
+        "env": {"TOP": "1"},
+        "variables": {"PIPELINE": "1"},
+        "jobs": {"a": {"env": {"JOB": "1"}, "steps": [{"env": {"STEP": "1"}, "run": "true"}]}},
+        "deploy": {"variables": {"KACHE_KUBECONFIG": {"value": "x", "description": "y"}}},
+    });
+    let var = |name: &str| format!("<{name}>");
+    let commands = shell_commands(
+        "export A=1 B\nC=2 kache serve --listen=127.0.0.1:8001\n\
+         echo \"D=$E/k\" >> \"$GITHUB_ENV\"\nkubectl get pods -l app=x\nexport",
+        &var,
+    );
+    let names: Vec<String> = variables_set(&doc, &commands).into_iter().collect();
+    assert_eq!(
+        names,
+        [
+            "A",
+            "B",
+            "C",
+            "D",
+            "JOB",
+            "KACHE_KUBECONFIG",
+            "PIPELINE",
+            "STEP",
+            "TOP",
+            "app"
+        ]
+    );
 }
