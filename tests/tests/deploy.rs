@@ -2120,6 +2120,20 @@ fn dockerfile_builds_the_cargo_binary_and_runs_a_command_line_kache_accepts() {
         "{}",
         cargo_build.args
     );
+    // The context has no .git: the commit `kache version` names comes from
+    // KACHE_GIT_COMMIT (proxy/build.rs), a build argument declared before
+    // cargo runs.
+    let build_rs = std::fs::read_to_string(workspace_root().join("proxy/build.rs")).unwrap();
+    assert!(
+        build_rs.contains("env::var(\"KACHE_GIT_COMMIT\")"),
+        "proxy/build.rs no longer reads KACHE_GIT_COMMIT"
+    );
+    assert!(
+        build.iter().any(|i| i.keyword == "ARG"
+            && i.args.split('=').next() == Some("KACHE_GIT_COMMIT")
+            && i.line < cargo_build.line),
+        "the build stage takes no KACHE_GIT_COMMIT build argument before cargo build"
+    );
     for moves_the_output in [
         "--target",
         "--target-dir",
