@@ -406,6 +406,20 @@ fn find_or_build_kache() -> PathBuf {
 
 // ------------------------------------------------------------------- kache ----
 
+/// Removes every `KACHE_*` variable from a kache child's environment: kache
+/// reads each flag from a `KACHE_<FLAG>` variable too, so one left in the
+/// shell that runs the tests (`KACHE_MODE=shared`) would change every kache
+/// they start. kache reads none of the harness's own (`KACHE_BIN`,
+/// `KACHE_CLUSTER_DIR`, …).
+fn without_kache_variables(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KACHE_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// A running `kache serve` in front of a kubeconfig's cluster, on free loopback ports.
 /// Killed on drop; its stderr is printed when the test is failing.
 pub struct Kache {
@@ -469,6 +483,7 @@ impl Kache {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);
+        without_kache_variables(&mut cmd);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
@@ -504,7 +519,7 @@ impl Kache {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let out = Command::new(bin)
+        let out = without_kache_variables(&mut Command::new(bin))
             .args(["kubeconfig", "--server", &kache.url()])
             .stdin(Stdio::null())
             .output()

@@ -5,7 +5,7 @@
 
 use kache_tests::{
     client_from_kubeconfig, cluster, kubeconfig_with_server, kubectl, raw, without_age_column, AuditEvent,
-    AuditFilter, Relay, TestNamespace,
+    AuditFilter, Kache, Relay, TestNamespace,
 };
 
 #[test]
@@ -125,4 +125,53 @@ fn age_column_is_removed_from_kubectl_tables() {
         without_age_column(pods),
         "NAME   READY   STATUS    RESTARTS\nweb    0/1     Pending   0"
     );
+}
+
+/// Sets environment variables of this test process, and puts back what
+/// they were when dropped (also when the test panics).
+struct EnvGuard(Vec<(&'static str, Option<std::ffi::OsString>)>);
+
+impl EnvGuard {
+    fn set(vars: &[(&'static str, &str)]) -> EnvGuard {
+        let before = vars
+            .iter()
+            .map(|(name, _)| (*name, std::env::var_os(name)))
+            .collect();
+        for (name, value) in vars {
+            std::env::set_var(name, value);
+        }
+        EnvGuard(before)
+    }
+}
+
+impl Drop for EnvGuard {
+    fn drop(&mut self) {
+        for (name, value) in &self.0 {
+            match value {
+                Some(value) => std::env::set_var(name, value),
+                None => std::env::remove_var(name),
+            }
+        }
+    }
+}
+
+#[test]
+fn kache_ignores_kache_variables_of_the_shell_that_runs_the_tests() {
+    let c = cluster();
+    // Either would stop `kache serve` (shared mode needs HTTPS; the token
+    // file does not exist) and `kache kubeconfig` (it reads the token), or
+    // else make kache refuse a request without credentials.
+    let kache = {
+        let _env = EnvGuard::set(&[
+            ("KACHE_MODE", "shared"),
+            ("KACHE_ACCESS_TOKEN_FILE", "/nonexistent/kache-token"),
+        ]);
+        Kache::start(&c.admin_kubeconfig)
+    };
+    // Local mode, no token: a request without credentials is served with
+    // kache's kubeconfig identity.
+    let r = raw::get(kache.addr(), "/api/v1/namespaces/default").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["metadata"]["name"], "default");
+    assert!(kache.kubeconfig().is_file());
 }
