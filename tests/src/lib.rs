@@ -1898,6 +1898,41 @@ impl Kache {
     }
 }
 
+// ------------------------------------------------ API server stop/start ----
+
+impl OwnCluster {
+    /// Stops kube-apiserver and leaves it down (etcd keeps running); see
+    /// [`OwnCluster::start_apiserver`].
+    pub async fn stop_apiserver(&self) {
+        self.apiserver_script("--stop").await;
+    }
+
+    /// Starts the stopped kube-apiserver again with the same command line
+    /// and waits until it is ready (a no-op when it already is).
+    pub async fn start_apiserver(&self) {
+        self.apiserver_script("--start").await;
+    }
+
+    async fn apiserver_script(&self, mode: &'static str) {
+        let dir = self.dir.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(workspace_root().join("tests/cluster/restart-apiserver.sh"))
+                .arg(mode)
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "restart-apiserver.sh {mode} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
