@@ -1,4 +1,5 @@
-# Shared by the end-to-end benchmark scripts (run.sh, authz.sh): sourced, not run.
+# Shared by the end-to-end benchmark scripts (run.sh, authz.sh, restarts.sh): sourced, not run.
+# shellcheck shell=bash disable=SC2034,SC2154 # sets and reads the sourcing script's variables
 
 # build_binaries WORK: builds the load generator and (unless $KACHE_BIN names
 # one) kache in release mode, and copies both into WORK so that other builds
@@ -19,4 +20,22 @@ build_binaries() {
     kache_build=${KACHE_BUILD_NOTE:-$KACHE_BIN}
   fi
   KACHE=$work/kache
+}
+
+# ensure_pods JSON_DIR: creates $PODS pods in namespaces bench-00…bench-09
+# (16 concurrent POSTs) unless at least that many pods exist. Writes
+# JSON_DIR/pods-before.json (the count before) and JSON_DIR/create.json.
+# Needs E2E, the direct=(--url … --ca …) arguments, BENCH_TOKEN and log().
+ensure_pods() {
+  local json=$1 have
+  log "counting pods"
+  "$E2E" list-size "${direct[@]}" --path '/api/v1/pods?resourceVersion=0' > "$json/pods-before.json"
+  have=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["items"])' "$json/pods-before.json")
+  if (( have < PODS )); then
+    log "creating $PODS pods (have $have)"
+    "$E2E" create-pods "${direct[@]}" --count "$PODS" --namespaces 10 --concurrency 16 > "$json/create.json"
+  else
+    log "$have pods already there"
+    echo '{"created":0,"existed":'"$have"',"seconds":0}' > "$json/create.json"
+  fi
 }

@@ -13,6 +13,11 @@
 //! - `authz-setup`, `authz-load`: the authorization-overhead benchmark
 //!   (`benches/e2e/authz.sh`, see `authz.rs`): users with their own tokens in
 //!   closed loops, and the upstream reviews they cost.
+//! - `restarts-setup`, `first-cached-list`, `audit-mark`, `audit-since`,
+//!   `open-watches`, `etcd-compact`, `informers`, `chaos`: the restarts and
+//!   outages benchmark (`benches/e2e/restarts.sh`, see `restarts.rs`): cold
+//!   and warm starts, informer-style clients across API server restarts, and
+//!   a bounded chaos run.
 //!
 //! Only loopback URLs are accepted. Bearer tokens come from `BENCH_TOKEN`, never
 //! the command line.
@@ -37,6 +42,7 @@ use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 
 mod authz;
+mod restarts;
 
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -56,6 +62,14 @@ enum Command {
     Procs(Procs),
     AuthzSetup(authz::AuthzSetup),
     AuthzLoad(authz::AuthzLoad),
+    RestartsSetup(restarts::RestartsSetup),
+    FirstCachedList(restarts::FirstCachedList),
+    AuditMark(restarts::AuditMark),
+    AuditSince(restarts::AuditSince),
+    OpenWatches(restarts::OpenWatches),
+    EtcdCompact(restarts::EtcdCompact),
+    Informers(restarts::Informers),
+    Chaos(restarts::Chaos),
 }
 
 /// Where to send requests.
@@ -181,6 +195,14 @@ fn main() -> Result<()> {
             Command::Procs(c) => procs(c).await,
             Command::AuthzSetup(c) => authz::authz_setup(c).await,
             Command::AuthzLoad(c) => authz::authz_load(c).await,
+            Command::RestartsSetup(c) => restarts::restarts_setup(c).await,
+            Command::FirstCachedList(c) => restarts::first_cached_list(c).await,
+            Command::AuditMark(c) => restarts::audit_mark_now(&c),
+            Command::AuditSince(c) => restarts::audit_since(c).await,
+            Command::OpenWatches(c) => restarts::open_watches(c).await,
+            Command::EtcdCompact(c) => restarts::etcd_compact(c).await,
+            Command::Informers(c) => restarts::informers(c).await,
+            Command::Chaos(c) => restarts::chaos(c).await,
         }
     })?;
     println!("{}", serde_json::to_string(&out)?);

@@ -76,16 +76,7 @@ rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
 # ------------------------------------------------------------------ pods
-log "counting pods"
-"$E2E" list-size "${direct[@]}" --path '/api/v1/pods?resourceVersion=0' > "$json/pods-before.json"
-have=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["items"])' "$json/pods-before.json")
-if (( have < PODS )); then
-  log "creating $PODS pods (have $have)"
-  "$E2E" create-pods "${direct[@]}" --count "$PODS" --namespaces 10 --concurrency 16 > "$json/create.json"
-else
-  log "$have pods already there"
-  echo '{"created":0,"existed":'"$have"',"seconds":0}' > "$json/create.json"
-fi
+ensure_pods "$json"
 sleep 2   # let the API server's watch cache catch up with the last creates
 "$E2E" list-size "${direct[@]}" --path '/api/v1/pods?resourceVersion=0' > "$json/rawsize.json"
 "$E2E" list-size "${direct[@]}" --path '/api/v1/pods?resourceVersion=0' \
