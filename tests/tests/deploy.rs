@@ -33,8 +33,6 @@ use kache_tests::{
     cluster, kache_bin, kubeconfig_with_server, kubectl, kubectl_bin, metric, poll_until, raw,
     run_with_timeout, unique_name, workspace_root, Kache, Kubectl, TestNamespace,
 };
-// serde through k8s-openapi's re-export: this crate does not depend on it directly.
-use k8s_openapi::serde::Deserialize;
 use serde_json::{json, Value};
 
 /// The kustomizations, relative to the workspace root.
@@ -64,16 +62,10 @@ const KUSTOMIZE_V2_FIELDS: &[&str] = &[
 
 // -------------------------------------------------------------------- YAML ----
 
-/// The documents of a YAML stream, as JSON values (empty documents left out).
+/// The documents of a YAML stream, as JSON values (empty and null
+/// documents left out).
 fn yaml_documents(text: &str, what: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| {
-            let doc = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}"));
-            serde_json::to_value(doc).unwrap()
-        })
-        .filter(|doc| !doc.is_null())
-        .collect()
+    serde_saphyr::from_multiple(text).unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}"))
 }
 
 fn documents(path: &Path) -> Vec<Value> {
@@ -110,7 +102,7 @@ fn identity(doc: &Value) -> String {
 /// Documents as one YAML stream, for `kubectl -f -`.
 fn yaml_stream(docs: &[Value]) -> String {
     docs.iter()
-        .map(|d| serde_yaml::to_string(d).unwrap())
+        .map(|d| serde_saphyr::to_string(d).unwrap())
         .collect::<Vec<_>>()
         .join("---\n")
 }
@@ -877,7 +869,7 @@ fn sidecar_pod_is_locked_down_and_points_the_runner_at_kache() {
         .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
         .collect();
     assert_eq!(env.get("KUBECONFIG"), Some(&kubeconfig_path.as_str()));
-    let kubeconfig: Value = serde_yaml::from_str(
+    let kubeconfig: Value = serde_saphyr::from_str(
         object(&docs, "ConfigMap", "ci-runner-kache")["data"]["kubeconfig"]
             .as_str()
             .unwrap(),
@@ -1437,7 +1429,7 @@ fn account_kubeconfig(dir: &Path, token: &str) -> PathBuf {
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "account"}}],
         "current-context": "test",
     });
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+    std::fs::write(&path, serde_saphyr::to_string(&kubeconfig).unwrap()).unwrap();
     path
 }
 
@@ -1479,14 +1471,14 @@ fn kache_with_the_shared_config_and_rights_serves_users_as_themselves() {
 
     // The shipped config, its files replaced by the test cluster's: the API
     // server's certificate (SAN 127.0.0.1) to serve, the cluster CA for clients.
-    let mut config: serde_yaml::Value = serde_yaml::from_str(&config_text(&docs, "kache")).unwrap();
+    let mut config: Value = serde_saphyr::from_str(&config_text(&docs, "kache")).unwrap();
     let pki = c.dir.join("pki");
     config["tls"]["cert"] = pki.join("apiserver.crt").to_str().unwrap().into();
     config["tls"]["key"] = pki.join("apiserver.key").to_str().unwrap().into();
     config["shared"]["clientCaFile"] = c.ca_cert.to_str().unwrap().into();
     config["stateDir"] = tmp.path().join("state").to_str().unwrap().into();
     let config_file = tmp.path().join("kache.yaml");
-    std::fs::write(&config_file, serde_yaml::to_string(&config).unwrap()).unwrap();
+    std::fs::write(&config_file, serde_saphyr::to_string(&config).unwrap()).unwrap();
 
     // alice may read configmaps in this namespace only.
     kubectl(
@@ -1668,7 +1660,7 @@ fn sidecar_kache_serves_the_runner_with_the_pods_account() {
 
     // The runner's kubeconfig as mounted, its server this kache's address
     // and its namespace the test's.
-    let mut kubeconfig: Value = serde_yaml::from_str(
+    let mut kubeconfig: Value = serde_saphyr::from_str(
         object(&docs, "ConfigMap", "ci-runner-kache")["data"]["kubeconfig"]
             .as_str()
             .unwrap(),
@@ -1681,7 +1673,7 @@ fn sidecar_kache_serves_the_runner_with_the_pods_account() {
         context["context"]["namespace"] = json!(n);
     }
     let runner = tmp.path().join("runner.kubeconfig");
-    std::fs::write(&runner, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+    std::fs::write(&runner, serde_saphyr::to_string(&kubeconfig).unwrap()).unwrap();
 
     // A job as the example describes: deploy an app, look at it. Each run
     // is a fresh kubectl (no discovery cache), as in a fresh CI job.
@@ -2570,7 +2562,7 @@ fn ci_examples_are_valid_yaml_and_kache_accepts_their_command_lines() {
                 args.join(" "),
                 out.stderr
             );
-            let printed: Value = serde_yaml::from_str(&out.stdout).unwrap();
+            let printed: Value = serde_saphyr::from_str(&out.stdout).unwrap();
             assert_eq!(
                 printed["clusters"][0]["cluster"]["server"],
                 format!("http://{listen}"),
