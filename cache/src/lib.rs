@@ -25,6 +25,7 @@
 //! same vocabulary and lets the parser be tested and fuzzed on its own.
 
 pub mod discovery;
+pub mod list;
 pub mod protobuf;
 pub mod rbac;
 pub mod reads;

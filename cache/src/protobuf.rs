@@ -212,7 +212,7 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 }
 
 /// Bytes of a length-delimited field with a one-byte key (fields 1–15).
-fn field_len(len: usize) -> usize {
+pub(crate) fn field_len(len: usize) -> usize {
     1 + varint_len(len as u64) + len
 }
 
@@ -222,7 +222,7 @@ pub(crate) fn put_field(out: &mut Vec<u8>, number: u8, content: &[u8]) {
     out.extend_from_slice(content);
 }
 
-fn put_header(out: &mut Vec<u8>, number: u8, len: usize) {
+pub(crate) fn put_header(out: &mut Vec<u8>, number: u8, len: usize) {
     debug_assert!((1..16).contains(&number), "one-byte keys only");
     out.push(number << 3 | 2);
     put_varint(out, len as u64);
@@ -528,14 +528,14 @@ fn type_meta(api_version: &str, kind: &str) -> Vec<u8> {
 
 /// Magic and `Unknown` with `raw_len` bytes of message to follow the header;
 /// the caller appends the message, then [`end_envelope`].
-fn begin_envelope(out: &mut Vec<u8>, api_version: &str, kind: &str, raw_len: usize) {
+pub(crate) fn begin_envelope(out: &mut Vec<u8>, api_version: &str, kind: &str, raw_len: usize) {
     out.extend_from_slice(MAGIC);
     put_field(out, 1, &type_meta(api_version, kind));
     put_header(out, 2, raw_len);
 }
 
 /// `contentEncoding` and `contentType`, both empty, as the API server writes them.
-fn end_envelope(out: &mut Vec<u8>) {
+pub(crate) fn end_envelope(out: &mut Vec<u8>) {
     out.extend_from_slice(&[0x1a, 0x00, 0x22, 0x00]);
 }
 

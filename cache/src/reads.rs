@@ -24,6 +24,7 @@ use http::{Response, StatusCode};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use crate::list::ListBody;
 use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
 use crate::selector::{FieldSelector, LabelSelector};
@@ -438,41 +439,32 @@ fn response(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response<B
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Objects(pub usize);
 
-pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> Response<Bytes> {
+pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> Response<ByteStream> {
+    let body = list_body(plan, spec, store, encoding);
+    let objects = body.objects();
+    let mut response = body.into_response();
+    response.extensions_mut().insert(Objects(objects));
+    response
+}
+
+/// The LIST answer's parts over a snapshot of the store (the objects shared,
+/// not copied: see [`crate::list`]).
+pub fn list_body(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> ListBody {
     let namespace = (!plan.namespace.is_empty()).then_some(plan.namespace.as_str());
     let snapshot = store.snapshot(namespace, |o| matches(plan, o));
-    if encoding == Encoding::Protobuf {
-        let body = crate::protobuf::list_body(
+    let kind = format!("{}List", spec.kind);
+    match encoding {
+        Encoding::Protobuf => ListBody::protobuf(&kind, &spec.api_version(), snapshot.resource_version, snapshot.objects),
+        // Custom resources' lists come from the apiextensions server, which
+        // always writes an empty `continue`.
+        Encoding::Json => ListBody::json(
+            &kind,
             &spec.api_version(),
-            &format!("{}List", spec.kind),
             snapshot.resource_version,
-            snapshot.objects.iter().map(|o| &o.bytes()[..]),
-        );
-        return with_objects(response(StatusCode::OK, encoding, body), snapshot.objects.len());
+            spec.custom,
+            snapshot.objects,
+        ),
     }
-    let size: usize = snapshot.objects.iter().map(|o| o.bytes().len() + 1).sum();
-    let mut body = Vec::with_capacity(size + 160);
-    body.extend_from_slice(b"{\"kind\":");
-    write_json_string(&mut body, &format!("{}List", spec.kind));
-    body.extend_from_slice(b",\"apiVersion\":");
-    write_json_string(&mut body, &spec.api_version());
-    // Custom resources' lists come from the apiextensions server, which
-    // always writes an empty `continue`.
-    if spec.custom {
-        body.extend_from_slice(b",\"metadata\":{\"continue\":\"\",\"resourceVersion\":\"");
-    } else {
-        body.extend_from_slice(b",\"metadata\":{\"resourceVersion\":\"");
-    }
-    body.extend_from_slice(snapshot.resource_version.to_string().as_bytes());
-    body.extend_from_slice(b"\"},\"items\":[");
-    for (i, object) in snapshot.objects.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        object.write_item(&mut body);
-    }
-    body.extend_from_slice(b"]}\n");
-    with_objects(response(StatusCode::OK, encoding, body), snapshot.objects.len())
 }
 
 fn with_objects(mut response: Response<Bytes>, objects: usize) -> Response<Bytes> {
@@ -517,10 +509,6 @@ fn not_found(name: &str, spec: &ResourceSpec, encoding: Encoding) -> Response<By
         Encoding::Protobuf => status.to_protobuf(),
     };
     response(StatusCode::NOT_FOUND, encoding, body)
-}
-
-fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(&mut *out, s).expect("invariant: writing to a Vec cannot fail");
 }
 
 /// Settings of watches served from the cache.

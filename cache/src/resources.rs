@@ -98,6 +98,25 @@ pub enum Answer {
     Stream(Response<ByteStream>),
 }
 
+impl Answer {
+    /// The whole answer in one buffer (for tests and tools; the proxy
+    /// streams it).
+    ///
+    /// # Errors
+    /// The stream failed.
+    pub async fn collect(self) -> Result<Response<Bytes>, FetchError> {
+        match self {
+            Answer::Full(response) => Ok(response),
+            Answer::Stream(response) => {
+                use futures::TryStreamExt;
+                let (parts, stream) = response.into_parts();
+                let chunks: Vec<Bytes> = stream.try_collect().await?;
+                Ok(Response::from_parts(parts, Bytes::from(chunks.concat())))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Gvr {
     group: String,
@@ -415,7 +434,7 @@ impl Cache {
         }
         let encoding = cached.encoding;
         match &plan.kind {
-            ReadKind::List => Ok(Answer::Full(reads::list(&plan, &cached.spec, store, encoding))),
+            ReadKind::List => Ok(Answer::Stream(reads::list(&plan, &cached.spec, store, encoding))),
             ReadKind::Get { name } => Ok(Answer::Full(reads::get(
                 name,
                 &plan,
@@ -424,12 +443,9 @@ impl Cache {
                 encoding,
             ))),
             ReadKind::Watch { .. } => {
-                if let MinVersion::AtLeast(rv) = plan.version {
-                    // A version from a fresher list than the store: wait briefly.
-                    if !store.wait_for(rv, self.inner.config.fresh_timeout).await {
-                        return Err(Bypass::NotFresh);
-                    }
-                }
+                // A version newer than the store's (from a consistent list)
+                // starts at once, as on the API server's watch cache: the
+                // watch sends only what comes after it (`reads::watch`).
                 let watchers = cached.watchers.clone();
                 watchers.fetch_add(1, Ordering::Relaxed);
                 let gauge = self.inner.metrics.watchers.get_or_create(&ResourceLabels {
@@ -1282,11 +1298,11 @@ impl Cache {
         }
         cached.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
         let answer = match &plan.kind {
-            ReadKind::List => reads::list(&plan, &cached.spec, &cached.store, encoding),
-            ReadKind::Get { name } => reads::get(name, &plan, &cached.spec, &cached.store, encoding),
+            ReadKind::List => Answer::Stream(reads::list(&plan, &cached.spec, &cached.store, encoding)),
+            ReadKind::Get { name } => Answer::Full(reads::get(name, &plan, &cached.spec, &cached.store, encoding)),
             ReadKind::Watch { .. } => return Err(Bypass::NotARead),
         };
-        Ok((Answer::Full(answer), staleness))
+        Ok((answer, staleness))
     }
 
     /// Checks every synced store against the API server every
@@ -1569,9 +1585,10 @@ mod tests {
         let core = "application/vnd.kubernetes.protobuf,application/json";
         for accept in [core, core, "application/json"] {
             let (info, query, headers) = request(uri, accept);
-            let Ok(Answer::Full(response)) = cache.serve(&info, query.as_deref(), &headers).await else {
+            let Ok(answer) = cache.serve(&info, query.as_deref(), &headers).await else {
                 panic!("{accept}: not answered from the cache");
             };
+            let response = answer.collect().await.expect("collected");
             let body = response.body();
             if accept == core {
                 assert_eq!(
@@ -1889,9 +1906,10 @@ mod tests {
 
     /// The (namespace/name, resourceVersion) of a JSON list answer, and its version.
     fn listed(answer: Result<Answer, Bypass>) -> (Vec<(String, String)>, String) {
-        let Ok(Answer::Full(response)) = answer else {
+        let Ok(answer) = answer else {
             panic!("not answered from the cache");
         };
+        let response = futures::executor::block_on(answer.collect()).expect("collected");
         let list: serde_json::Value = serde_json::from_slice(response.body()).expect("json");
         let items = list["items"]
             .as_array()

@@ -200,6 +200,16 @@ impl Object {
         }
     }
 
+    /// The object as a list item without copying it: whether an opening
+    /// `{` must precede, and the bytes that follow (a slice of the stored
+    /// object; see [`Object::write_item`]).
+    pub fn item_parts(&self) -> (bool, Bytes) {
+        match self.item_offset {
+            Some(offset) => (true, self.bytes.slice(offset..)),
+            None => (false, self.bytes.clone()),
+        }
+    }
+
     /// Bytes held for this object (for the memory budget).
     pub fn size(&self) -> usize {
         self.bytes.len()

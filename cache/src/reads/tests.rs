@@ -268,6 +268,11 @@ fn store_with(objects: Vec<Object>, rv: u64) -> Arc<Store> {
     store
 }
 
+/// A list answer in one buffer.
+fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> Response<Bytes> {
+    Response::new(Bytes::from(list_body(plan, spec, store, encoding).to_vec()))
+}
+
 fn body_json(response: &Response<Bytes>) -> serde_json::Value {
     serde_json::from_slice(response.body()).expect("json")
 }
