@@ -29,7 +29,8 @@ use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{
-    parse_resource_version, Encoding, Event, EventType, Notice, Object, Store, WatchError, WatchStart,
+    parse_resource_version, Encoding, Event, EventType, FrameKind, Notice, Object, Store, WatchError,
+    WatchStart,
 };
 use crate::upstream::{ByteStream, FetchError};
 
@@ -454,7 +455,12 @@ pub fn list_body(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: 
     let snapshot = store.snapshot(namespace, |o| matches(plan, o));
     let kind = format!("{}List", spec.kind);
     match encoding {
-        Encoding::Protobuf => ListBody::protobuf(&kind, &spec.api_version(), snapshot.resource_version, snapshot.objects),
+        Encoding::Protobuf => ListBody::protobuf(
+            &kind,
+            &spec.api_version(),
+            snapshot.resource_version,
+            snapshot.objects,
+        ),
         // Custom resources' lists come from the apiextensions server, which
         // always writes an empty `continue`.
         Encoding::Json => ListBody::json(
@@ -821,21 +827,31 @@ fn frame_for(plan: &ReadPlan, frames: &Frames, event: &Event) -> Option<Bytes> {
             if !passes {
                 return None;
             }
-            if event.object.resource_version == event.resource_version {
-                Some(frames.event("DELETED", event.object.bytes()))
-            } else {
-                let object = frames.with_resource_version(event.object.bytes(), event.resource_version);
-                Some(frames.event("DELETED", &object))
-            }
+            Some(event.frames.get_or_render(FrameKind::Deleted, || {
+                if event.object.resource_version == event.resource_version {
+                    frames.event("DELETED", event.object.bytes())
+                } else {
+                    let object = frames.with_resource_version(event.object.bytes(), event.resource_version);
+                    frames.event("DELETED", &object)
+                }
+            }))
         }
-        (_, true, false) => Some(frames.event("ADDED", event.object.bytes())),
-        (_, true, true) => Some(frames.event("MODIFIED", event.object.bytes())),
+        (_, true, false) => Some(
+            event
+                .frames
+                .get_or_render(FrameKind::Added, || frames.event("ADDED", event.object.bytes())),
+        ),
+        (_, true, true) => Some(event.frames.get_or_render(FrameKind::Modified, || {
+            frames.event("MODIFIED", event.object.bytes())
+        })),
         (_, false, true) => {
             let prev = event.prev.as_deref()?;
-            Some(frames.event(
-                "DELETED",
-                &frames.with_resource_version(prev.bytes(), event.resource_version),
-            ))
+            Some(event.frames.get_or_render(FrameKind::Left, || {
+                frames.event(
+                    "DELETED",
+                    &frames.with_resource_version(prev.bytes(), event.resource_version),
+                )
+            }))
         }
         (_, false, false) => None,
     }

@@ -299,6 +299,35 @@ pub struct Event {
     pub object: Arc<Object>,
     pub prev: Option<Arc<Object>>,
     pub resource_version: u64,
+    /// The event's frames as watchers receive them, rendered by the first
+    /// watcher that needs each and shared by every other (a store has one
+    /// encoding, so an event has one rendering per [`FrameKind`]).
+    pub frames: EventFrames,
+}
+
+/// The ways an event reaches a watcher, by what it selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// The object entered the watcher's selection (or was created).
+    Added,
+    /// The object changed within the selection.
+    Modified,
+    /// The object was deleted.
+    Deleted,
+    /// The object left the selection: its previous state, DELETED at the
+    /// event's version.
+    Left,
+}
+
+/// An event's rendered frames, one per [`FrameKind`], made once.
+#[derive(Debug, Default)]
+pub struct EventFrames([std::sync::OnceLock<Bytes>; 4]);
+
+impl EventFrames {
+    /// The frame of this kind, rendered by `render` the first time.
+    pub fn get_or_render(&self, kind: FrameKind, render: impl FnOnce() -> Bytes) -> Bytes {
+        self.0[kind as usize].get_or_init(render).clone()
+    }
 }
 
 impl Event {
@@ -635,6 +664,7 @@ impl Store {
             object,
             prev,
             resource_version,
+            frames: EventFrames::default(),
         });
         state.resource_version = resource_version;
         if state.synced {
@@ -759,6 +789,7 @@ impl Store {
                         object: o.clone(),
                         prev: None,
                         resource_version: o.resource_version,
+                        frames: EventFrames::default(),
                     })
                 })
                 .collect()
@@ -829,6 +860,7 @@ fn difference(
             object: object.clone(),
             prev: prev.cloned(),
             resource_version: object.resource_version,
+            frames: EventFrames::default(),
         }));
     }
     changes.sort_by_key(|e| e.resource_version);
@@ -842,6 +874,7 @@ fn difference(
                 object: object.clone(),
                 prev: Some(object.clone()),
                 resource_version: new_version,
+                frames: EventFrames::default(),
             }));
         }
     }

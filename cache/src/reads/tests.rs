@@ -424,6 +424,43 @@ async fn watches_from_zero_start_with_the_state_then_follow_changes() {
 }
 
 #[tokio::test]
+async fn an_event_is_rendered_once_and_its_bytes_shared_by_every_watcher() {
+    use futures::StreamExt;
+    let store = store_with(vec![configmap("a", "x", 2, &[("app", "web")])], 5);
+    let start = |uri: &str| {
+        let plan = plan_for(uri, None).expect("plan");
+        let response = watch(
+            plan,
+            Arc::new(spec(false)),
+            store.clone(),
+            Encoding::Json,
+            &WatchSettings::default(),
+            || {},
+        )
+        .expect("watch");
+        response.into_body()
+    };
+    let mut watchers: Vec<_> = (0..3)
+        .map(|_| start("/api/v1/configmaps?watch=true&resourceVersion=5"))
+        .collect();
+    let mut selective = start("/api/v1/configmaps?watch=true&resourceVersion=5&labelSelector=app%3Dweb");
+    store.apply(EventType::Modified, configmap("a", "x", 6, &[("app", "db")]));
+    let mut frames = Vec::new();
+    for watcher in &mut watchers {
+        frames.push(watcher.next().await.expect("a frame").expect("bytes"));
+    }
+    assert!(frames.iter().all(|f| f.starts_with(b"{\"type\":\"MODIFIED\"")));
+    assert!(
+        frames.iter().all(|f| f.as_ptr() == frames[0].as_ptr()),
+        "one rendering, shared"
+    );
+    // The object left the selective watcher's selection: its own frame.
+    let left = selective.next().await.expect("a frame").expect("bytes");
+    assert!(left.starts_with(b"{\"type\":\"DELETED\""), "{left:?}");
+    assert_ne!(left.as_ptr(), frames[0].as_ptr());
+}
+
+#[tokio::test]
 async fn selector_transitions_become_added_and_deleted() {
     let store = store_with(vec![configmap("a", "x", 2, &[("app", "web")])], 5);
     let plan = plan_for(
