@@ -311,7 +311,11 @@ async fn list(
         .header(header::ACCEPT, ResourceSpec::accept(encoding))
         .body(())
         .map_err(|e| FetchError(e.to_string()))?;
-    let response = client.fetch(request).await?;
+    let mut progress = ListProgress::new(spec, encoding);
+    let response = client
+        .fetch_observed(request, &mut |chunk| progress.received(chunk))
+        .await?;
+    progress.finished();
     if is_refusal(response.status()) {
         return Err(ListError::Refused(response.status()));
     }
@@ -576,6 +580,311 @@ pub(crate) fn apply_protobuf_event(spec: &ResourceSpec, store: &Store, frame: &[
     }
 }
 
+/// How often a LIST still arriving logs how far it got.
+const LIST_PROGRESS_PERIOD: Duration = Duration::from_secs(5);
+
+/// A LIST's progress as its body arrives: a long sync (a large resource, a
+/// slow link) logs the objects received so far and the rate every
+/// [`LIST_PROGRESS_PERIOD`], then its total; a quick one logs nothing.
+struct ListProgress<'a> {
+    spec: &'a ResourceSpec,
+    encoding: Encoding,
+    started: tokio::time::Instant,
+    next_report: tokio::time::Instant,
+    bytes: u64,
+    items: ItemCounter,
+    reported: bool,
+}
+
+/// What a progress line says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ListReport {
+    objects: u64,
+    bytes: u64,
+    seconds: f64,
+}
+
+impl ListReport {
+    fn objects_per_second(&self) -> u64 {
+        if self.seconds > 0.0 {
+            (self.objects as f64 / self.seconds).round() as u64
+        } else {
+            0
+        }
+    }
+
+    fn mib(&self) -> String {
+        format!("{:.1}", self.bytes as f64 / (1024.0 * 1024.0))
+    }
+}
+
+impl<'a> ListProgress<'a> {
+    fn new(spec: &'a ResourceSpec, encoding: Encoding) -> ListProgress<'a> {
+        let now = tokio::time::Instant::now();
+        ListProgress {
+            spec,
+            encoding,
+            started: now,
+            next_report: now + LIST_PROGRESS_PERIOD,
+            bytes: 0,
+            items: ItemCounter::new(encoding),
+            reported: false,
+        }
+    }
+
+    /// Counts a chunk of the body, logging the progress when a line is due.
+    fn received(&mut self, chunk: &[u8]) {
+        if let Some(report) = self.advance(chunk, tokio::time::Instant::now()) {
+            tracing::info!(
+                resource = %self.spec.qualified_resource(),
+                encoding = self.encoding.as_str(),
+                objects = report.objects,
+                objects_per_second = report.objects_per_second(),
+                mib = %report.mib(),
+                seconds = report.seconds.round() as u64,
+                "listing: objects received so far"
+            );
+        }
+    }
+
+    /// Counts a chunk; the report due at `now`, if one is.
+    fn advance(&mut self, chunk: &[u8], now: tokio::time::Instant) -> Option<ListReport> {
+        self.bytes += chunk.len() as u64;
+        self.items.feed(chunk);
+        if now < self.next_report {
+            return None;
+        }
+        self.next_report = now + LIST_PROGRESS_PERIOD;
+        self.reported = true;
+        Some(self.report(now))
+    }
+
+    fn report(&self, now: tokio::time::Instant) -> ListReport {
+        ListReport {
+            objects: self.items.items(),
+            bytes: self.bytes,
+            seconds: now.duration_since(self.started).as_secs_f64(),
+        }
+    }
+
+    /// The body is complete: a LIST that logged its progress logs its total.
+    fn finished(&self) {
+        if self.reported {
+            let report = self.report(tokio::time::Instant::now());
+            tracing::info!(
+                resource = %self.spec.qualified_resource(),
+                encoding = self.encoding.as_str(),
+                objects = report.objects,
+                objects_per_second = report.objects_per_second(),
+                mib = %report.mib(),
+                seconds = report.seconds.round() as u64,
+                "listing: all objects received"
+            );
+        }
+    }
+}
+
+/// Counts a list's items as its body arrives, without parsing it.
+///
+/// JSON: the objects opening directly in an array that is a member of the
+/// top-level object (a List's only such array is `items`). Protobuf: the
+/// `items` fields (2) of the list message held in the `raw` field (2) of
+/// the `runtime.Unknown` envelope that follows the `k8s\0` magic.
+enum ItemCounter {
+    Json {
+        depth: u32,
+        in_string: bool,
+        escaped: bool,
+        /// Whether the container open at depth 2 is an array.
+        array_at_2: bool,
+        items: u64,
+    },
+    Protobuf {
+        state: Wire,
+        /// Bytes left of the list message, while inside it.
+        inner_left: Option<u64>,
+        items: u64,
+    },
+}
+
+/// Where a protobuf reader is in the wire format.
+#[derive(Debug, Clone, Copy)]
+enum Wire {
+    /// Bytes of the magic number read so far.
+    Magic(u8),
+    /// A field's key (a varint), partly read.
+    Key { value: u64, shift: u32 },
+    /// A varint field's value.
+    Varint,
+    /// A length-delimited field's length, partly read.
+    Length { field: u64, value: u64, shift: u32 },
+    /// Bytes to pass over.
+    Skip(u64),
+    /// Not a list this reader understands: it stops counting.
+    Lost,
+}
+
+impl ItemCounter {
+    fn new(encoding: Encoding) -> ItemCounter {
+        match encoding {
+            Encoding::Json => ItemCounter::Json {
+                depth: 0,
+                in_string: false,
+                escaped: false,
+                array_at_2: false,
+                items: 0,
+            },
+            Encoding::Protobuf => ItemCounter::Protobuf {
+                state: Wire::Magic(0),
+                inner_left: None,
+                items: 0,
+            },
+        }
+    }
+
+    fn items(&self) -> u64 {
+        match self {
+            ItemCounter::Json { items, .. } | ItemCounter::Protobuf { items, .. } => *items,
+        }
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        match self {
+            ItemCounter::Json {
+                depth,
+                in_string,
+                escaped,
+                array_at_2,
+                items,
+            } => {
+                for &b in chunk {
+                    if *in_string {
+                        if *escaped {
+                            *escaped = false;
+                        } else if b == b'\\' {
+                            *escaped = true;
+                        } else if b == b'"' {
+                            *in_string = false;
+                        }
+                        continue;
+                    }
+                    match b {
+                        b'"' => *in_string = true,
+                        b'{' | b'[' => {
+                            if *depth == 1 {
+                                *array_at_2 = b == b'[';
+                            } else if *depth == 2 && *array_at_2 && b == b'{' {
+                                *items += 1;
+                            }
+                            *depth += 1;
+                        }
+                        b'}' | b']' => *depth = depth.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+            }
+            ItemCounter::Protobuf {
+                state,
+                inner_left,
+                items,
+            } => {
+                // Bytes read inside the list message count down its length.
+                let consumed = |inner_left: &mut Option<u64>, n: u64| {
+                    if let Some(left) = inner_left {
+                        *left = left.saturating_sub(n);
+                        if *left == 0 {
+                            *inner_left = None;
+                        }
+                    }
+                };
+                let mut i = 0;
+                while i < chunk.len() {
+                    match *state {
+                        Wire::Lost => return,
+                        Wire::Magic(read) => {
+                            let take = (4 - usize::from(read)).min(chunk.len() - i);
+                            if chunk[i..i + take] != crate::protobuf::MAGIC[usize::from(read)..][..take] {
+                                *state = Wire::Lost;
+                                return;
+                            }
+                            i += take;
+                            let read = read + take as u8;
+                            *state = if read == 4 {
+                                Wire::Key { value: 0, shift: 0 }
+                            } else {
+                                Wire::Magic(read)
+                            };
+                        }
+                        Wire::Skip(n) => {
+                            let take = n.min((chunk.len() - i) as u64);
+                            i += take as usize;
+                            consumed(inner_left, take);
+                            *state = if take == n {
+                                Wire::Key { value: 0, shift: 0 }
+                            } else {
+                                Wire::Skip(n - take)
+                            };
+                        }
+                        Wire::Varint => {
+                            let b = chunk[i];
+                            i += 1;
+                            consumed(inner_left, 1);
+                            if b & 0x80 == 0 {
+                                *state = Wire::Key { value: 0, shift: 0 };
+                            }
+                        }
+                        Wire::Key { value, shift } | Wire::Length { value, shift, .. } => {
+                            let b = chunk[i];
+                            i += 1;
+                            consumed(inner_left, 1);
+                            let value = value | (u64::from(b & 0x7f) << shift);
+                            if b & 0x80 != 0 {
+                                *state = match (*state, shift + 7) {
+                                    (_, shift) if shift > 63 => Wire::Lost,
+                                    (Wire::Length { field, .. }, shift) => {
+                                        Wire::Length { field, value, shift }
+                                    }
+                                    (_, shift) => Wire::Key { value, shift },
+                                };
+                                continue;
+                            }
+                            *state = match *state {
+                                Wire::Length { field, .. } => {
+                                    if inner_left.is_none() && field == 2 {
+                                        // The envelope's `raw`: the list message.
+                                        *inner_left = (value > 0).then_some(value);
+                                        Wire::Key { value: 0, shift: 0 }
+                                    } else {
+                                        if inner_left.is_some() && field == 2 {
+                                            *items += 1;
+                                        }
+                                        if value == 0 {
+                                            Wire::Key { value: 0, shift: 0 }
+                                        } else {
+                                            Wire::Skip(value)
+                                        }
+                                    }
+                                }
+                                _ => match value & 7 {
+                                    0 => Wire::Varint,
+                                    1 => Wire::Skip(8),
+                                    2 => Wire::Length {
+                                        field: value >> 3,
+                                        value: 0,
+                                        shift: 0,
+                                    },
+                                    5 => Wire::Skip(4),
+                                    _ => Wire::Lost,
+                                },
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -692,5 +1001,221 @@ mod tests {
             )
         );
         reflector.abort();
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/testdata/protobuf/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn core_spec(resource: &str, kind: &str, namespaced: bool) -> ResourceSpec {
+        ResourceSpec {
+            group: String::new(),
+            version: "v1".into(),
+            resource: resource.into(),
+            kind: kind.into(),
+            namespaced,
+            custom: false,
+            speaks_protobuf: Some(true),
+        }
+    }
+
+    #[test]
+    fn list_items_are_counted_as_the_body_arrives_whatever_its_chunks() {
+        for (resource, kind, namespaced) in [
+            ("configmaps", "ConfigMap", true),
+            ("pods", "Pod", true),
+            ("secrets", "Secret", true),
+            ("namespaces", "Namespace", false),
+        ] {
+            let spec = core_spec(resource, kind, namespaced);
+            let json = fixture(&format!("{resource}.json"));
+            let pb = fixture(&format!("{resource}.pb"));
+            let expected = json_list(&spec, &json).expect("json list").0.len() as u64;
+            assert!(expected > 0, "{resource}: an empty fixture proves nothing");
+            assert_eq!(
+                protobuf_list(&spec, &pb).expect("protobuf list").0.len() as u64,
+                expected
+            );
+            for (encoding, body) in [(Encoding::Json, &json), (Encoding::Protobuf, &pb)] {
+                for size in [1, 2, 3, 5, 64, 1000, body.len()] {
+                    let mut counter = ItemCounter::new(encoding);
+                    for chunk in body.chunks(size) {
+                        counter.feed(chunk);
+                    }
+                    assert_eq!(
+                        counter.items(),
+                        expected,
+                        "{resource} in {} by chunks of {size}",
+                        encoding.as_str()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn json_items_are_counted_past_strings_that_look_like_structure() {
+        let body = br#"{"kind":"ConfigMapList","metadata":{"resourceVersion":"3","x":[{"not":"an item"}]},"items":[{"data":{"k":"}]{[\"{\\"}},{"metadata":{"name":"b","list":[{"c":1}]}},{}]}"#;
+        let mut counter = ItemCounter::new(Encoding::Json);
+        counter.feed(body);
+        assert_eq!(counter.items(), 3);
+        let mut lost = ItemCounter::new(Encoding::Protobuf);
+        lost.feed(b"{\"items\":[{}]}");
+        assert_eq!(lost.items(), 0, "not protobuf: nothing counted");
+    }
+
+    /// An API server whose LIST sends one object a second.
+    struct SlowList {
+        objects: usize,
+    }
+
+    impl SlowList {
+        fn chunks(&self) -> Vec<String> {
+            let mut chunks = vec![
+                r#"{"kind":"ConfigMapList","apiVersion":"v1","metadata":{"resourceVersion":"99"},"items":["#
+                    .to_string(),
+            ];
+            for n in 0..self.objects {
+                let comma = if n == 0 { "" } else { "," };
+                chunks.push(format!(
+                    r#"{comma}{{"metadata":{{"name":"cm-{n}","namespace":"a","resourceVersion":"{}"}}}}"#,
+                    n + 1
+                ));
+            }
+            chunks.push("]}".into());
+            chunks
+        }
+    }
+
+    impl ApiClient for SlowList {
+        fn fetch(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
+            let body = Bytes::from(self.chunks().concat());
+            Box::pin(async move { Ok(Response::new(body)) })
+        }
+
+        fn fetch_observed<'a>(
+            &'a self,
+            _: Request<()>,
+            observe: &'a mut (dyn FnMut(&[u8]) + Send),
+        ) -> BoxFuture<'a, Result<Response<Bytes>, FetchError>> {
+            Box::pin(async move {
+                let chunks = self.chunks();
+                for chunk in &chunks {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    observe(chunk.as_bytes());
+                }
+                Ok(Response::new(Bytes::from(chunks.concat())))
+            })
+        }
+
+        fn stream(&self, _: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+
+    /// Keeps the message and fields of every event logged.
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Fields(String);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                    self.0.push_str(&format!("{}={value:?} ", field.name()));
+                }
+            }
+            let mut fields = Fields(String::new());
+            event.record(&mut fields);
+            self.0.lock().expect("lock").push(fields.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_list_logs_the_objects_received_and_the_rate_every_few_seconds() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let _logging = tracing::subscriber::set_default(Capture(lines.clone()));
+        let spec = core_spec("configmaps", "ConfigMap", true);
+        let client = SlowList { objects: 12 };
+        let Ok((objects, resource_version)) = list(&client, &spec, Encoding::Json).await else {
+            panic!("the list failed");
+        };
+        assert_eq!((objects.len(), resource_version), (12, 99));
+        let logged: Vec<String> = lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|line| line.contains("listing"))
+            .cloned()
+            .collect();
+        // The header at 1 s, an object a second from 2 s, the end at 14 s.
+        let expected = [
+            ("so far", 4, 5, 1),
+            ("so far", 9, 10, 1),
+            ("all objects received", 12, 14, 1),
+        ];
+        assert_eq!(logged.len(), expected.len(), "{logged:#?}");
+        for (line, (message, objects, seconds, rate)) in logged.iter().zip(expected) {
+            for field in [
+                message.to_string(),
+                format!("objects={objects} "),
+                format!("seconds={seconds} "),
+                format!("objects_per_second={rate} "),
+                "resource=configmaps ".to_string(),
+            ] {
+                assert!(line.contains(&field), "{field} not in {line}");
+            }
+        }
+        // A quick list says nothing.
+        lines.lock().expect("lock").clear();
+        let quick = SlowList { objects: 2 };
+        assert!(list(&quick, &spec, Encoding::Json).await.is_ok());
+        assert!(
+            !lines.lock().expect("lock").iter().any(|l| l.contains("listing")),
+            "{:?}",
+            lines.lock().expect("lock")
+        );
+    }
+
+    #[test]
+    fn a_long_list_reports_its_progress_every_period() {
+        let spec = core_spec("configmaps", "ConfigMap", true);
+        let mut progress = ListProgress::new(&spec, Encoding::Json);
+        let start = progress.started;
+        let mut reports = Vec::new();
+        let header = br#"{"kind":"ConfigMapList","metadata":{"resourceVersion":"9"},"items":["#;
+        assert_eq!(progress.advance(header, start), None);
+        // One object every 200 ms, for 10 seconds.
+        for n in 1..=50u64 {
+            let item = format!(
+                r#"{}{{"metadata":{{"name":"cm-{n}"}}}}"#,
+                if n == 1 { "" } else { "," }
+            );
+            let at = start + Duration::from_millis(200 * n);
+            reports.extend(progress.advance(item.as_bytes(), at));
+        }
+        assert_eq!(
+            progress.advance(b"]}", start + Duration::from_millis(10_100)),
+            None
+        );
+        let seen: Vec<_> = reports
+            .iter()
+            .map(|r| (r.objects, r.seconds, r.objects_per_second()))
+            .collect();
+        assert_eq!(seen, [(25, 5.0, 5), (50, 10.0, 5)]);
+        assert!(progress.reported, "the total is logged too");
+        assert!(reports[1].bytes > reports[0].bytes);
+        let quick = ListProgress::new(&spec, Encoding::Json);
+        assert!(!quick.reported, "a quick list logs nothing");
     }
 }

@@ -25,6 +25,21 @@ pub trait ApiClient: Send + Sync + 'static {
     /// whole response.
     fn fetch(&self, request: http::Request<()>) -> BoxFuture<'_, Result<http::Response<Bytes>, FetchError>>;
 
+    /// [`ApiClient::fetch`], showing the body to `observe` chunk by chunk as
+    /// it arrives (a long LIST's progress). By default the whole body at
+    /// once, when it is complete.
+    fn fetch_observed<'a>(
+        &'a self,
+        request: http::Request<()>,
+        observe: &'a mut (dyn FnMut(&[u8]) + Send),
+    ) -> BoxFuture<'a, Result<http::Response<Bytes>, FetchError>> {
+        Box::pin(async move {
+            let response = self.fetch(request).await?;
+            observe(response.body());
+            Ok(response)
+        })
+    }
+
     /// Sends `request` and returns the response head as soon as it arrives,
     /// the body as a stream (for watches).
     fn stream(

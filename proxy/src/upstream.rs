@@ -225,17 +225,38 @@ impl Upstream {
 /// The caches' view of the upstream: whole responses for discovery, streams for watches.
 impl kache_cache::upstream::ApiClient for Upstream {
     fn fetch(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
+        Box::pin(async move { self.fetch_observed(request, &mut |_: &[u8]| {}).await })
+    }
+
+    fn fetch_observed<'a>(
+        &'a self,
+        request: Request<()>,
+        observe: &'a mut (dyn FnMut(&[u8]) + Send),
+    ) -> BoxFuture<'a, Result<Response<Bytes>, FetchError>> {
         Box::pin(async move {
             let response = self
                 .send(request.map(|()| crate::body::empty()), Exchange::Short)
                 .await
                 .map_err(|e| FetchError(e.to_string()))?;
-            let (parts, body) = response.into_parts();
-            let bytes = tokio::time::timeout(self.timeout, body.collect())
+            let (parts, mut body) = response.into_parts();
+            let read = async {
+                let mut chunks = Vec::new();
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| FetchError(format!("reading the response: {e}")))?;
+                    if let Ok(data) = frame.into_data() {
+                        observe(&data);
+                        chunks.push(data);
+                    }
+                }
+                Ok::<_, FetchError>(match chunks.len() {
+                    0 => Bytes::new(),
+                    1 => chunks.pop().expect("invariant: one chunk"),
+                    _ => Bytes::from(chunks.concat()),
+                })
+            };
+            let bytes = tokio::time::timeout(self.timeout, read)
                 .await
-                .map_err(|_| FetchError(format!("response body not complete within {:?}", self.timeout)))?
-                .map_err(|e| FetchError(format!("reading the response: {e}")))?
-                .to_bytes();
+                .map_err(|_| FetchError(format!("response body not complete within {:?}", self.timeout)))??;
             Ok(Response::from_parts(parts, bytes))
         })
     }
