@@ -25,6 +25,11 @@ if ! command -v kubectl >/dev/null && [[ -z "${KUBECTL:-}" ]]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client
 fi
+if ! command -v chromium >/dev/null && [[ -z "${CHROMIUM:-}" ]]; then
+  log "installing chromium (Debian's, a headless browser for the status page test)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
 
 log "formatting and lints"
 cargo fmt --all -- --check

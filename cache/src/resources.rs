@@ -142,6 +142,9 @@ struct Cached {
     /// The resourceVersion of the store's snapshot on disk (0: none), so an
     /// unchanged store is not written again.
     saved_version: AtomicU64,
+    /// Reads of the resource forwarded while this store existed (not
+    /// rv=0, not synced, not fresh enough…), for its hit ratio.
+    forwarded: AtomicU64,
 }
 
 impl Cached {
@@ -383,10 +386,34 @@ impl Cache {
                         reason: reason.as_str(),
                     })
                     .inc();
+                self.count_forwarded(info);
             }
             Err(_) => {}
         }
         result.map(|(answer, _)| answer)
+    }
+
+    /// Counts a forwarded read against the resource's store (its JSON one
+    /// first), if it has one: resources never cached are not counted.
+    fn count_forwarded(&self, info: &RequestInfo) {
+        if self.inner.resources.is_empty() {
+            return;
+        }
+        let gvr = Gvr {
+            group: info.group.clone(),
+            version: info.version.clone(),
+            resource: info.resource.clone(),
+        };
+        for encoding in [Encoding::Json, Encoding::Protobuf] {
+            let key = Key {
+                gvr: gvr.clone(),
+                encoding,
+            };
+            if let Some(cached) = self.inner.resources.get(&key) {
+                cached.forwarded.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
     }
 
     async fn try_serve(&self, info: &RequestInfo, mut plan: ReadPlan) -> Result<(Answer, Encoding), Bypass> {
@@ -578,6 +605,7 @@ impl Cache {
             last_used: AtomicU64::new(self.inner.now_ms()),
             watchers: Arc::new(AtomicUsize::new(0)),
             saved_version: AtomicU64::new(saved_version),
+            forwarded: AtomicU64::new(0),
         })
     }
 
@@ -788,7 +816,12 @@ impl Cache {
         }
     }
 
-    /// A JSON view of what is cached, for the admin listener's `/debug/cache`.
+    /// A JSON view of what is cached, for the admin listener's `/debug/cache`
+    /// and status page. Fields are only ever added: `hits` (reads answered
+    /// from the store), `forwardedReads` (reads of the resource forwarded
+    /// while the store existed), `hitRatio` (`null` before any read),
+    /// `stalenessSeconds` (0 while synced, the time since it last was
+    /// otherwise, `null` before its first sync).
     pub fn debug_view(&self) -> serde_json::Value {
         let now = self.inner.now_ms();
         let mut resources: Vec<serde_json::Value> = self
@@ -797,6 +830,17 @@ impl Cache {
             .iter()
             .map(|e| {
                 let (objects, bytes) = e.store.size();
+                let hits = self
+                    .inner
+                    .metrics
+                    .hits
+                    .get_or_create(&ResourceLabels {
+                        resource: resource_label(&e.spec.group, &e.spec.version, &e.spec.resource),
+                        encoding: e.encoding.as_str(),
+                    })
+                    .get();
+                let forwarded = e.forwarded.load(Ordering::Relaxed);
+                let reads = hits + forwarded;
                 serde_json::json!({
                     "group": e.spec.group,
                     "version": e.spec.version,
@@ -811,6 +855,10 @@ impl Cache {
                     "bytes": bytes,
                     "watchers": e.watchers.load(Ordering::Relaxed),
                     "idleSeconds": now.saturating_sub(e.last_used.load(Ordering::Relaxed)) / 1000,
+                    "hits": hits,
+                    "forwardedReads": forwarded,
+                    "hitRatio": (reads > 0).then(|| hits as f64 / reads as f64),
+                    "stalenessSeconds": e.store.staleness().map(|s| s.as_secs()),
                 })
             })
             .collect();
@@ -1638,6 +1686,45 @@ mod tests {
             .map(|r| r["encoding"].as_str().unwrap_or("").to_string())
             .collect();
         assert_eq!(encodings, ["json", "protobuf"]);
+    }
+
+    #[tokio::test]
+    async fn the_debug_view_counts_each_stores_hits_and_the_reads_it_could_not_answer() {
+        let fake = Arc::new(Fake::default());
+        let client: Arc<dyn ApiClient> = fake.clone();
+        let discovery = Discovery::new(client.clone(), Default::default(), DiscoveryMetrics::default());
+        let cache = Cache::new(client, discovery, CacheConfig::default(), CacheMetrics::default());
+        let read = |uri: &str| {
+            let (info, query, headers) = request(uri, "application/json");
+            let cache = cache.clone();
+            async move { cache.serve(&info, query.as_deref(), &headers).await.is_ok() }
+        };
+        // Before any store: not counted against any resource.
+        assert!(!read("/api/v1/namespaces/kache-pb/configmaps").await);
+        assert!(read("/api/v1/namespaces/kache-pb/configmaps?resourceVersion=0").await);
+        assert!(read("/api/v1/configmaps?resourceVersion=0").await);
+        assert!(
+            !read("/api/v1/namespaces/kache-pb/configmaps").await,
+            "a consistent read"
+        );
+        let view = cache.debug_view();
+        let store = &view["resources"][0];
+        assert_eq!(store["resource"], "configmaps");
+        assert_eq!(store["hits"], 2);
+        assert_eq!(store["forwardedReads"], 1);
+        assert_eq!(store["hitRatio"], 2.0 / 3.0);
+        assert_eq!(store["stalenessSeconds"], 0, "synced");
+        // The fields it always had are still there.
+        for field in [
+            "objects",
+            "bytes",
+            "resourceVersion",
+            "watchers",
+            "idleSeconds",
+            "synced",
+        ] {
+            assert!(!store[field].is_null(), "{field} missing: {store}");
+        }
     }
 
     /// Answers discovery; its LISTs never answer, so stores never sync.

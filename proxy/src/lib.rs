@@ -12,7 +12,8 @@
 //!                                                         coalesce.rs (identical reads share a call)
 //!                                                         forward.rs ──► Upstream (upstream.rs) ──► API server
 //!                                              respond  ─ error.rs / status.rs
-//!  operators ─► admin listener ──► admin.rs (/livez /readyz /metrics ◄── metrics.rs)
+//!  operators ─► admin listener ──► admin.rs (/livez /readyz /metrics ◄── metrics.rs,
+//!                                            / ─ status_page.rs, /debug/cache, /debug/clients)
 //! ```
 
 pub mod admin;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod server;
 pub mod status;
+pub mod status_page;
 pub mod tls;
 pub mod upstream;
 
@@ -210,13 +212,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         move |peer, request| pipeline.clone().handle(peer, request),
         shutdown_rx.clone(),
     );
-    let admin_state = Arc::new(admin::AdminState {
-        metrics: metrics.clone(),
-        cache: cache.clone(),
-        ledger,
-        rbac,
-        rbac_synced_once: std::sync::atomic::AtomicBool::new(false),
-    });
+    let admin_state = {
+        let mut state = admin::AdminState::new(metrics.clone(), cache.clone(), ledger, api_client.clone());
+        state.rbac = rbac;
+        state.preload = config.cache.preload.clone();
+        state.upstream = Arc::new(admin::UpstreamInfo::new(
+            api_client.clone(),
+            upstream.url().to_string(),
+        ));
+        state.mode = config.mode.as_str();
+        Arc::new(state)
+    };
+    let upstream_info = admin_state.upstream.clone();
+    let sampler = tokio::spawn(until_shutdown(
+        admin_state.clone().run_sampler(),
+        shutdown_rx.clone(),
+    ));
     let admin = server::serve(
         admin_listener,
         ListenerSettings {
@@ -236,7 +247,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tasks.extend([
         tokio::spawn(main),
         tokio::spawn(admin),
-        tokio::spawn(probe_until_ready(upstream.clone(), metrics.clone(), shutdown_rx.clone())),
+        sampler,
+        tokio::spawn(probe_until_ready(
+            upstream.clone(),
+            metrics.clone(),
+            upstream_info,
+            shutdown_rx.clone(),
+        )),
         tokio::spawn(until_shutdown(discovery.run(), shutdown_rx.clone())),
         // Snapshots are stamped with the cluster's identity, so a state
         // directory moved to another cluster is never served; the warm start
@@ -284,8 +301,14 @@ async fn until_shutdown(task: impl std::future::Future<Output = ()>, mut shutdow
 }
 
 /// Asks the API server for `/version` until it answers, so `/readyz` turns
-/// ready even before the first client request.
-async fn probe_until_ready(upstream: Upstream, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+/// ready even before the first client request; the status page shows the
+/// version it answers.
+async fn probe_until_ready(
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    info: Arc<admin::UpstreamInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut delay = Duration::from_millis(200);
     while !metrics.is_ready() {
         let request = http::Request::get("/version")
@@ -293,7 +316,17 @@ async fn probe_until_ready(upstream: Upstream, metrics: Arc<Metrics>, mut shutdo
             .body(body::empty())
             .expect("invariant: a static request is valid");
         match upstream.send(request, Exchange::Short).await {
-            Ok(_) => metrics.mark_ready(),
+            Ok(response) => {
+                metrics.mark_ready();
+                if response.status() == http::StatusCode::OK {
+                    use http_body_util::BodyExt;
+                    let body =
+                        tokio::time::timeout(Duration::from_secs(10), response.into_body().collect()).await;
+                    if let Ok(Ok(body)) = body {
+                        info.learn_version(&body.to_bytes());
+                    }
+                }
+            }
             Err(error) => tracing::warn!(%error, "API server not reachable yet"),
         }
         if metrics.is_ready() {
