@@ -49,20 +49,19 @@ mod tests {
     use http_body_util::BodyExt;
 
     #[tokio::test]
-    async fn failure_bodies_match_the_api_servers_status() {
+    async fn failures_carry_the_shared_status_body_and_retry_after() {
         let response = failure(StatusCode::SERVICE_UNAVAILABLE, "upstream down", Some(1));
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
         let bytes = response.into_body().collect().await.expect("body").to_bytes();
-        let value: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
-        assert_eq!(
-            value,
-            serde_json::json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": "upstream down", "reason": "ServiceUnavailable",
-                "details": {"retryAfterSeconds": 1}, "code": 503
-            })
-        );
+        let expected =
+            Status::failure(StatusCode::SERVICE_UNAVAILABLE, "upstream down").with_details(Details {
+                retry_after_seconds: Some(1),
+                ..Details::default()
+            });
+        assert_eq!(bytes, expected.to_json());
+        let bare = failure(StatusCode::UNAUTHORIZED, "Unauthorized", None);
+        assert!(!bare.headers().contains_key(header::RETRY_AFTER));
     }
 }
