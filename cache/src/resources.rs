@@ -694,7 +694,7 @@ impl Cache {
     /// ([`Cache::warm_start`]), so preloaded resources resume from theirs.
     pub async fn run_preload(self) {
         self.warm_start().await;
-        if self.inner.config.preload.is_empty() {
+        if !self.inner.config.enabled || self.inner.config.preload.is_empty() {
             return;
         }
         let mut ticker = tokio::time::interval(PRELOAD_PERIOD);
@@ -1347,7 +1347,9 @@ impl Cache {
         cached.last_used.store(self.inner.now_ms(), Ordering::Relaxed);
         let answer = match &plan.kind {
             ReadKind::List => Answer::Stream(reads::list(&plan, &cached.spec, &cached.store, encoding)),
-            ReadKind::Get { name } => Answer::Full(reads::get(name, &plan, &cached.spec, &cached.store, encoding)),
+            ReadKind::Get { name } => {
+                Answer::Full(reads::get(name, &plan, &cached.spec, &cached.store, encoding))
+            }
             ReadKind::Watch { .. } => return Err(Bypass::NotARead),
         };
         Ok((answer, staleness))
@@ -2109,7 +2111,12 @@ mod tests {
             .expect("answered before the sync timeout");
             assert!(matches!(answer, Err(Bypass::Refused)), "{:?}", answer.err());
         }
-        assert_eq!(fake.lists(), 1, "refused once, not listed again: {:?}", fake.seen(""));
+        assert_eq!(
+            fake.lists(),
+            1,
+            "refused once, not listed again: {:?}",
+            fake.seen("")
+        );
     }
 
     #[tokio::test]
