@@ -168,17 +168,19 @@ audit_since() {
 # ------------------------------------------------------------------ 1. cold vs warm start
 # measure_start KIND REP: starts kache on the state directory as it is, times
 # its first rv=0 LIST of every pod answered from memory (sent once kache's
-# /readyz answers; for warm-store, once /debug/cache also lists the pod store
-# restored from the snapshot), stops it with SIGTERM (which saves the
-# snapshots), then counts its upstream requests.
+# /readyz answers; for warm-eager as soon as kache accepts connections, as
+# clients reconnecting to a restarted kache do; for warm-store once
+# /debug/cache also lists the pod store restored from the snapshot), stops it
+# with SIGTERM (which saves the snapshots), then counts its upstream requests.
 measure_start() {
-  local kind=$1 rep=$2 mark t0 out wait_args=(--ready-url "$ADMIN_URL/readyz")
+  local kind=$1 rep=$2 mark t0 out wait_args=()
   out=$json/start-$kind-$rep
+  [[ $kind != warm-eager ]] && wait_args+=(--ready-url "$ADMIN_URL/readyz")
   [[ $kind == warm-store ]] && wait_args+=(--store-url "$ADMIN_URL/debug/cache")
   mark=$(audit_mark)
   t0=$(now)
   start_kache
-  "$E2E" first-cached-list --url "$KACHE_URL" --no-auth --metrics "$ADMIN_URL/metrics" "${wait_args[@]}" \
+  "$E2E" first-cached-list --url "$KACHE_URL" --no-auth --metrics "$ADMIN_URL/metrics" ${wait_args[@]+"${wait_args[@]}"} \
     --expect-items "$total_pods" --started-at "$t0" > "$out.json" \
     || die "$kind start $rep: no cached LIST ($(tail -n 5 "$work/kache.log"))"
   local hwm rss
@@ -197,7 +199,7 @@ if wants start; then
   for rep in $(seq 1 "$REPS"); do
     rm -rf "$work/state"
     measure_start cold "$rep"
-    for kind in warm warm-store; do
+    for kind in warm warm-eager warm-store; do
       grep -q . <(find "$work/state/snapshots" -name '*.ksnap' 2>/dev/null) \
         || die "kache left no snapshot at SIGTERM: $(tail -n 20 "$work/kache.log")"
       measure_start "$kind" "$rep"
