@@ -672,6 +672,16 @@ pub fn watch(
                             }
                         }
                     }
+                    // kache restarts: a last bookmark at the saved version
+                    // (everything up to it was taken), where the client
+                    // resumes inside the next run's window; never blocking
+                    // on a client that stopped reading.
+                    Ok(Notice::Closing) => {
+                        if bookmarks {
+                            let _ = out.offer(frames.bookmark(&store, seen.max(started_at)));
+                        }
+                        return;
+                    }
                     // Stopped store, or this watcher fell too far behind: end
                     // the watch; the client resumes or relists.
                     Ok(Notice::End) | Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,

@@ -1195,13 +1195,35 @@ impl Cache {
         Ok(started)
     }
 
+    /// Hands the stores over to the next run, at shutdown: every reflector
+    /// stops (the stores hold still), the stores are saved, and their
+    /// watchers get a last bookmark at the saved version before they end
+    /// ([`crate::store::Notice::Closing`]), so clients resume inside the
+    /// window of the store the next run restores instead of too far back
+    /// for it. Reads of a closed store are forwarded meanwhile.
+    pub async fn shutdown(&self) {
+        let stores: Vec<Arc<Cached>> = self
+            .inner
+            .resources
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        for cached in &stores {
+            cached.reflector.abort();
+        }
+        self.save_snapshots().await;
+        for cached in &stores {
+            cached.store.close_for_restart();
+        }
+    }
+
     /// Saves every synced store to its snapshot file (in blocking tasks, one
     /// store at a time), stamped with its resourceVersion and this cluster's
     /// identity. A store that cannot be saved (disk full, read-only
     /// directory) is warned about (at most once per few minutes) and serving
     /// goes on; its previous snapshot, if any, is left as it was. Does
-    /// nothing unless [`Cache::enable_snapshots`] was called. The proxy calls
-    /// it at graceful shutdown.
+    /// nothing unless [`Cache::enable_snapshots`] was called. Part of
+    /// [`Cache::shutdown`].
     pub async fn save_snapshots(&self) {
         let Some(identity) = self.inner.identity.get().cloned() else {
             return;

@@ -210,13 +210,28 @@ impl Object {
         }
     }
 
-    /// Bytes held for this object (for the memory budget).
+    /// Bytes held for this object (for the memory budget): its bytes and
+    /// strings, and the bookkeeping around them that weighs as much as the
+    /// object itself for small objects — the `Object` and its `Arc`, the
+    /// store's key (a second copy of namespace and name), each label and
+    /// field entry, and the allocator's share of every allocation.
     pub fn size(&self) -> usize {
-        self.bytes.len()
-            + self.namespace.len()
-            + self.name.len()
-            + self.labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-            + self.fields.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        /// An allocation's header and rounding, on average.
+        const ALLOCATION: usize = 16;
+        /// A map entry of two strings, with its share of the tree's node.
+        const ENTRY: usize = 2 * std::mem::size_of::<String>() + 16 + 2 * ALLOCATION;
+        let strings = self.namespace.len() + self.name.len();
+        let entries = |map: &BTreeMap<String, String>| {
+            map.iter().map(|(k, v)| k.len() + v.len() + ENTRY).sum::<usize>()
+        };
+        std::mem::size_of::<Object>()
+            + 2 * std::mem::size_of::<usize>() // the Arc's counts
+            + self.bytes.len()
+            + 2 * strings // the object's strings and the store's key
+            + ENTRY // the store's entry
+            + 5 * ALLOCATION // Arc, bytes, namespace, name, key
+            + entries(&self.labels)
+            + entries(&self.fields)
     }
 
     fn key(&self) -> (String, String) {
@@ -354,6 +369,11 @@ pub enum Notice {
     /// Watchers must end (their clients watch again): the store was stopped,
     /// or rebuilt from a list its events cannot lead to.
     End,
+    /// kache is shutting down, its state saved at the store's version:
+    /// watchers that asked for bookmarks get one at that version, so their
+    /// clients resume there — inside the next run's event window, which
+    /// starts at the saved version — then every watcher ends.
+    Closing,
 }
 
 /// A watch asked for events older than the store retains.
@@ -618,6 +638,18 @@ impl Store {
                 };
             }
         }
+    }
+
+    /// Stops the store for a restart (see [`Notice::Closing`]): its watchers
+    /// get a last bookmark at its version, then end; it serves no new ones.
+    pub(crate) fn close_for_restart(&self) {
+        let mut state = self.write();
+        if state.closed {
+            return;
+        }
+        state.closed = true;
+        state.synced = false;
+        let _ = self.notices.send(Notice::Closing);
     }
 
     /// Stops the store for good (evicted, idle): its watchers end at once, and

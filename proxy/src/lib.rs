@@ -93,11 +93,13 @@ impl Running {
     /// Stops accepting, ends watches, lets other in-flight requests finish
     /// (bounded), saves the stores' snapshots (when configured), and returns.
     pub async fn shutdown(self) {
+        // The cache first: its watchers get their last bookmark (at the
+        // saved version) and end by themselves, before connections drain.
+        self.cache.shutdown().await;
         self.shutdown.send_replace(true);
         for task in self.tasks {
             let _ = task.await;
         }
-        self.cache.save_snapshots().await;
     }
 }
 

@@ -160,7 +160,9 @@ impl Pipeline {
             };
             match self.route_cache(request, &info, plan).await {
                 ControlFlow::Break(response) => {
-                    return (verb, Outcome::Cache, self.ending_at_shutdown(response, &info))
+                    // Watches from memory end by themselves at shutdown,
+                    // after a last bookmark (`Cache::shutdown`).
+                    return (verb, Outcome::Cache, response);
                 }
                 ControlFlow::Continue(request) => request,
             }

@@ -424,6 +424,54 @@ async fn watches_from_zero_start_with_the_state_then_follow_changes() {
 }
 
 #[tokio::test]
+async fn at_a_restart_watchers_get_a_last_bookmark_at_the_saved_version_then_end() {
+    use futures::StreamExt;
+    let store = store_with(vec![configmap("a", "x", 2, &[])], 5);
+    let start = |uri: &str| {
+        let plan = plan_for(uri, None).expect("plan");
+        watch(
+            plan,
+            Arc::new(spec(false)),
+            store.clone(),
+            Encoding::Json,
+            &WatchSettings::default(),
+            || {},
+        )
+        .expect("watch")
+        .into_body()
+    };
+    let mut with_bookmarks =
+        start("/api/v1/configmaps?watch=true&resourceVersion=5&allowWatchBookmarks=true");
+    let mut without = start("/api/v1/configmaps?watch=true&resourceVersion=5");
+    store.apply(EventType::Modified, configmap("a", "x", 6, &[]));
+    store.close_for_restart();
+    let mut seen = Vec::new();
+    while let Some(frame) = with_bookmarks.next().await {
+        let event: serde_json::Value = serde_json::from_slice(&frame.expect("bytes")).expect("json");
+        seen.push((
+            event["type"].as_str().unwrap_or("").to_string(),
+            event["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("MODIFIED".to_string(), "6".to_string()),
+            ("BOOKMARK".into(), "6".into())
+        ],
+        "the change, the bookmark at the store's version, then the end"
+    );
+    let mut plain = Vec::new();
+    while let Some(frame) = without.next().await {
+        plain.push(frame.expect("bytes"));
+    }
+    assert_eq!(plain.len(), 1, "no bookmark unless asked for");
+}
+
+#[tokio::test]
 async fn an_event_is_rendered_once_and_its_bytes_shared_by_every_watcher() {
     use futures::StreamExt;
     let store = store_with(vec![configmap("a", "x", 2, &[("app", "web")])], 5);
