@@ -294,3 +294,113 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The watch events of a watch's whole body (JSON lines): (type, name, resourceVersion).
+fn watch_events(body: &[u8]) -> Vec<(String, String, String)> {
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_slice(l).unwrap();
+            let field = |f: &str| e["object"]["metadata"][f].as_str().unwrap_or("").to_string();
+            (
+                e["type"].as_str().unwrap().to_string(),
+                field("name"),
+                field("resourceVersion"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_terminated_kache_bookmarks_its_watchers_where_the_restarted_one_resumes_them() {
+    let c = cluster();
+    let ns = TestNamespace::create("handoff");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = ["--state-dir", state.to_str().unwrap()];
+    let create = |name: &str| {
+        kubectl(
+            &c.admin_kubeconfig,
+            &["-n", ns.name(), "create", "configmap", name, "--from-literal=k=v"],
+        )
+        .ok();
+    };
+    create("a");
+    let cached = format!("/api/v1/namespaces/{}/configmaps?resourceVersion=0", ns.name());
+    let agent = kache_tests::unique_name("handoff-watcher");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    let mut kache = Kache::start_with_args(&c.admin_kubeconfig, &args);
+    let list = poll_until(Duration::from_secs(30), "the configmaps cached", || {
+        let r = raw::get(kache.addr(), &cached).ok()?;
+        let hits = kache_tests::metric(
+            &kache.metrics(),
+            "kache_cache_hits_total",
+            &[("resource", "v1/configmaps")],
+        );
+        (r.status == 200 && hits > 0.0).then(|| r.json())
+    });
+    let from = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let watch = |kache: &Kache, from: &str, timeout: u32| {
+        let url = format!(
+            "{}/api/v1/namespaces/{}/configmaps?watch=true&allowWatchBookmarks=true&resourceVersion={from}&timeoutSeconds={timeout}",
+            kache.url(),
+            ns.name()
+        );
+        let agent = agent.clone();
+        runtime.spawn(async move { kache_tests::http_get(&url, &[("user-agent", agent.as_str())]).await })
+    };
+    let first = watch(&kache, &from, 600);
+    poll_until(Duration::from_secs(30), "the watch served from memory", || {
+        let n = kache_tests::metric(
+            &kache.metrics(),
+            "kache_cache_watchers",
+            &[("resource", "v1/configmaps")],
+        );
+        (n == 1.0).then_some(())
+    });
+    create("b");
+    poll_until(Duration::from_secs(30), "kache to have b", || {
+        raw::get(kache.addr(), &cached)
+            .ok()
+            .filter(|r| names(&r.json()) == ["a", "b"])
+    });
+    let status = kache.terminate(Duration::from_secs(30));
+    assert!(status.success(), "kache exited with {status}");
+    let body = runtime.block_on(first).unwrap();
+    let events = watch_events(body.body());
+    let (kind, _, bookmark) = events.last().cloned().expect("events");
+    assert_eq!(kind, "BOOKMARK", "the watch's last event: {events:?}");
+    assert!(
+        events.iter().any(|(t, name, _)| t == "ADDED" && name == "b"),
+        "{events:?}"
+    );
+
+    // While kache is down, c; the restarted kache resumes the client from
+    // its bookmark out of memory, c included, without forwarding the watch.
+    create("c");
+    let kache = Kache::start_with_args(&c.admin_kubeconfig, &args);
+    let mark = c.audit().mark();
+    let resumed = runtime.block_on(watch(&kache, &bookmark, 3)).unwrap();
+    assert_eq!(resumed.status(), 200);
+    let events = watch_events(resumed.body());
+    assert!(
+        events.iter().any(|(t, name, _)| t == "ADDED" && name == "c"),
+        "the change made while kache was down: {events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|(t, name, _)| t == "ADDED" && (name == "a" || name == "b")),
+        "nothing before the bookmark again: {events:?}"
+    );
+    let forwarded: Vec<_> = mark
+        .events_after_sentinel()
+        .into_iter()
+        .filter(|e| e.user_agent == agent)
+        .collect();
+    assert!(
+        forwarded.is_empty(),
+        "the resumed watch reached the API server: {forwarded:?}"
+    );
+}
