@@ -662,6 +662,78 @@ pub fn bookmark_object(template: Option<&[u8]>, resource_version: u64) -> Bytes 
     with_resource_version(template.unwrap_or(&[]), resource_version)
 }
 
+/// The object's message with `metadata.annotations[key]` set to `value`
+/// (`ObjectMeta` field 12, a `map<string, string>`: one `{1: key, 2: value}`
+/// entry per annotation, in key order, as the generated marshaller writes
+/// them), every other byte as it was (a BOOKMARK that ends a streaming
+/// list's initial events, see [`crate::reads`]).
+pub fn with_annotation(object: &[u8], key: &str, value: &str) -> Bytes {
+    let mut entry = Vec::with_capacity(4 + key.len() + value.len());
+    put_field(&mut entry, 1, key.as_bytes());
+    put_field(&mut entry, 2, value.as_bytes());
+    let rewrite = || -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::with_capacity(object.len() + entry.len() + 8);
+        let mut done = false;
+        for field in raw_fields(object) {
+            let (number, bytes, value) = field?;
+            match (number, value, done) {
+                (1, Value::Bytes(meta), false) => {
+                    put_field(&mut out, 1, &annotated_meta(meta, key, &entry)?);
+                    done = true;
+                }
+                (n, _, false) if n > 1 => {
+                    put_field(&mut out, 1, &annotated_meta(&[], key, &entry)?);
+                    out.extend_from_slice(bytes);
+                    done = true;
+                }
+                _ => out.extend_from_slice(bytes),
+            }
+        }
+        if !done {
+            put_field(&mut out, 1, &annotated_meta(&[], key, &entry)?);
+        }
+        Ok(out)
+    };
+    match rewrite() {
+        Ok(out) => Bytes::from(out),
+        Err(_) => Bytes::copy_from_slice(object),
+    }
+}
+
+/// `ObjectMeta` with the annotation `entry` (of `key`) in its place: after
+/// the fields before 12 and the entries of smaller keys, replacing one of
+/// the same key.
+fn annotated_meta(meta: &[u8], key: &str, entry: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut out = Vec::with_capacity(meta.len() + entry.len() + 2);
+    let mut placed = false;
+    for field in raw_fields(meta) {
+        let (number, bytes, value) = field?;
+        if !placed {
+            let here = match (number, value) {
+                (12, Value::Bytes(existing)) => {
+                    let existing_key = first(existing, 1)?.and_then(Value::bytes).unwrap_or_default();
+                    if existing_key == key.as_bytes() {
+                        put_field(&mut out, 12, entry);
+                        placed = true;
+                        continue;
+                    }
+                    existing_key > key.as_bytes()
+                }
+                (number, _) => number > 12,
+            };
+            if here {
+                put_field(&mut out, 12, entry);
+                placed = true;
+            }
+        }
+        out.extend_from_slice(bytes);
+    }
+    if !placed {
+        put_field(&mut out, 12, entry);
+    }
+    Ok(out)
+}
+
 /// The fields of a message with each one's encoded bytes.
 fn raw_fields(message: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8], Value<'_>), DecodeError>> {
     let mut rest = message;

@@ -9,6 +9,11 @@
 //! cache's, as one at `0`). Anything the cache cannot render exactly (tables,
 //! partial metadata, YAML, pretty JSON, unknown parameters) is forwarded too.
 //!
+//! Watches with `sendInitialEvents` (streaming lists, KEP-3157: client-go's
+//! WatchList, kube-runtime's `streaming_lists`), which a v1.20 API server
+//! does not know, are answered as a current API server's cacher answers
+//! them: see [`Invalid`], [`prepare_watch`] and [`watch`].
+//!
 //! Answers are in JSON or, for built-in resources, protobuf, as the API
 //! server's content negotiation would pick from the client's `Accept`
 //! (client-go's core components send `application/vnd.kubernetes.protobuf,
@@ -94,7 +99,23 @@ pub enum ReadKind {
     Watch {
         bookmarks: bool,
         timeout: Option<Duration>,
+        initial_events: InitialEvents,
     },
+}
+
+/// What a watch sends before the changes, by its `sendInitialEvents`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialEvents {
+    /// No `sendInitialEvents` (every client of a v1.20 API server): at `0`
+    /// (or without a version) the state as ADDED events, at `N` nothing.
+    Legacy,
+    /// `sendInitialEvents=true` (a streaming list, KEP-3157): the state as
+    /// ADDED events, whatever the version, then — with bookmarks — a BOOKMARK
+    /// annotated `k8s.io/initial-events-end` at the state's version.
+    Stream,
+    /// `sendInitialEvents=false`: none, whatever the version; at `0`, the
+    /// changes after the store's current version.
+    Nothing,
 }
 
 /// The version a read may be answered at.
@@ -104,6 +125,9 @@ pub enum MinVersion {
     Any,
     /// `resourceVersion=N` (not older than N); for a watch, events after N.
     AtLeast(u64),
+    /// No version on a watch with `sendInitialEvents`: at least the API
+    /// server's current version, as a consistent read (see [`prepare_watch`]).
+    Latest,
 }
 
 /// A read the cache may answer.
@@ -117,6 +141,10 @@ pub struct ReadPlan {
     pub version: MinVersion,
     /// The encodings the client's `Accept` leads to; see [`ReadPlan::encoding`].
     pub accept: Negotiated,
+    /// Options a current API server refuses with `422 Invalid` and a v1.20
+    /// one would misread (it ignores `sendInitialEvents`): kache answers the
+    /// 422 itself ([`invalid`]); the other fields are then meaningless.
+    pub invalid: Option<Invalid>,
 }
 
 /// Query parameters a cached answer honours (or, like `limit` at version 0,
@@ -132,6 +160,7 @@ const KNOWN_PARAMETERS: &[&str] = &[
     "allowWatchBookmarks",
     "watch",
     "continue",
+    "sendInitialEvents",
 ];
 
 /// Decides whether a resource read may be answered from the cache.
@@ -146,9 +175,15 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         return Err(Bypass::Subresource);
     }
     let read = &info.read;
-    for (key, _) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    // `sendInitialEvents` is a `*bool`: absent, or its first value as the
+    // API server's query booleans read (anything but `0` and `false`).
+    let mut send_initial_events = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if !KNOWN_PARAMETERS.contains(&key.as_ref()) {
             return Err(Bypass::Parameters);
+        }
+        if key == "sendInitialEvents" && send_initial_events.is_none() {
+            send_initial_events = Some(!(value == "0" || value.eq_ignore_ascii_case("false")));
         }
     }
     let accept = negotiated(headers, info.verb() == Verb::Watch);
@@ -160,10 +195,16 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
             name: info.name.clone(),
         },
         Verb::List => ReadKind::List,
-        Verb::Watch if !info.name.is_empty() => return Err(Bypass::Parameters),
+        // A watch of one object is not served (below), but its options are
+        // checked first.
         Verb::Watch => ReadKind::Watch {
             bookmarks: read.allow_watch_bookmarks,
             timeout: watch_timeout(read.timeout_seconds.as_deref())?,
+            initial_events: match send_initial_events {
+                None => InitialEvents::Legacy,
+                Some(true) => InitialEvents::Stream,
+                Some(false) => InitialEvents::Nothing,
+            },
         },
         _ => return Err(Bypass::NotARead),
     };
@@ -173,11 +214,35 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
             return Err(Bypass::Parameters);
         }
     }
+    // A GET's options have no `sendInitialEvents`: both API servers ignore it.
+    if send_initial_events.is_some() && !matches!(kind, ReadKind::Get { .. }) {
+        if let Some(invalid) = Invalid::of(read) {
+            return Ok(ReadPlan {
+                kind,
+                namespace: info.namespace.clone(),
+                label: LabelSelector::default(),
+                field: FieldSelector::default(),
+                version: MinVersion::Any,
+                accept,
+                invalid: Some(invalid),
+            });
+        }
+    }
     let watch = matches!(kind, ReadKind::Watch { .. });
+    if watch && !info.name.is_empty() {
+        return Err(Bypass::Parameters);
+    }
     let version = match (
         read.resource_version.as_deref(),
         read.resource_version_match.as_deref(),
     ) {
+        // A streaming watch (its match is `NotOlderThan`, see [`Invalid::of`]):
+        // without a version, at least the API server's current one.
+        (None | Some(""), _) if watch && send_initial_events.is_some() => MinVersion::Latest,
+        (Some(rv), _) if watch && send_initial_events.is_some() && rv != "0" => {
+            MinVersion::AtLeast(parse_resource_version(rv).ok_or(Bypass::InvalidResourceVersion)?)
+        }
+        (_, _) if watch && send_initial_events.is_some() => MinVersion::Any,
         // A watch may not name a match without `sendInitialEvents` (v1.20:
         // not at all): the API server's 422.
         (_, Some(_)) if watch => return Err(Bypass::Parameters),
@@ -212,7 +277,143 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         field,
         version,
         accept,
+        invalid: None,
     })
+}
+
+/// The API server's refusal of a read's list options
+/// (`ValidateListOptions`, k8s.io/apimachinery
+/// `pkg/apis/meta/internalversion/validation`, with the WatchList feature
+/// on): each field error's text, in the order it reports them.
+///
+/// Only reads with `sendInitialEvents` are checked here. A v1.20 API server
+/// does not know the parameter: it would serve a list that carries it, or a
+/// watch that carries it without `resourceVersionMatch`, as if it were not
+/// there. So kache answers every read carrying it that a current API server
+/// refuses with that server's 422 itself. Invalid options without it are
+/// v1.20's to refuse (a watch naming a match is its 422 `resourceVersionMatch
+/// is forbidden for watch`) and are forwarded, as is a valid streaming list
+/// kache cannot serve (a resource it does not cache, a store not in sync):
+/// on v1.20's 422, client-go's reflector falls back to LIST and WATCH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(Vec<String>);
+
+impl Invalid {
+    /// The errors of a read whose `sendInitialEvents` is set, if any. As the
+    /// API server, it goes by the `watch` parameter, not the path: a
+    /// `/watch/…` path without `watch=true` is validated as a list.
+    fn of(read: &crate::request::ReadOptions) -> Option<Invalid> {
+        const MATCH: &str = "resourceVersionMatch";
+        let forbidden = |field: &str, detail: &str| format!("{field}: Forbidden: {detail}");
+        let not_supported = |value: &str, supported: &[&str]| {
+            let supported: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
+            format!(
+                "{MATCH}: Unsupported value: {}: supported values: {}",
+                go_json_string(value),
+                supported.join(", ")
+            )
+        };
+        let matching = read.resource_version_match.as_deref().unwrap_or("");
+        let continued = read.continue_token.as_deref().is_some_and(|c| !c.is_empty());
+        let mut errors = Vec::new();
+        if read.watch {
+            if matching != "NotOlderThan" {
+                errors.push(forbidden(
+                    MATCH,
+                    "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                ));
+            }
+            if !matching.is_empty() {
+                if matching != "NotOlderThan" {
+                    errors.push(not_supported(matching, &["NotOlderThan"]));
+                }
+                if continued {
+                    errors.push(forbidden(
+                        MATCH,
+                        "resourceVersionMatch is forbidden when continue is provided",
+                    ));
+                }
+            }
+        } else {
+            if !matching.is_empty() {
+                let version = read.resource_version.as_deref().unwrap_or("");
+                if version.is_empty() {
+                    errors.push(forbidden(
+                        MATCH,
+                        "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                    ));
+                }
+                if continued {
+                    errors.push(forbidden(
+                        MATCH,
+                        "resourceVersionMatch is forbidden when continue is provided",
+                    ));
+                }
+                if matching != "Exact" && matching != "NotOlderThan" {
+                    errors.push(not_supported(matching, &["Exact", "NotOlderThan", ""]));
+                }
+                if matching == "Exact" && version == "0" {
+                    errors.push(forbidden(
+                        MATCH,
+                        "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                    ));
+                }
+            }
+            errors.push(forbidden(
+                "sendInitialEvents",
+                "sendInitialEvents is forbidden for list",
+            ));
+        }
+        (!errors.is_empty()).then_some(Invalid(errors))
+    }
+
+    /// The Status message: `ListOptions.meta.k8s.io "" is invalid: ` and the
+    /// errors as Go's `utilerrors.Aggregate` prints them (one alone; several,
+    /// without repeats, in brackets).
+    pub fn message(&self) -> String {
+        let mut unique: Vec<&str> = Vec::new();
+        for error in &self.0 {
+            if !unique.contains(&error.as_str()) {
+                unique.push(error);
+            }
+        }
+        let errors = match unique.as_slice() {
+            [one] => (*one).to_string(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        format!("ListOptions.meta.k8s.io \"\" is invalid: {errors}")
+    }
+}
+
+/// A string as Go's `json.Marshal` writes it (HTML characters escaped).
+fn go_json_string(value: &str) -> String {
+    serde_json::to_string(value)
+        .expect("invariant: a string serializes")
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+}
+
+/// The API server's answer to options it refuses ([`Invalid`]): `422
+/// Invalid` on `ListOptions.meta.k8s.io`, in the read's encoding. Its
+/// `details` carry the group and kind but not the per-field `causes`
+/// ([`crate::status::Status`] writes none); the message names every error.
+pub fn invalid(invalid: &Invalid, encoding: Encoding) -> Response<Bytes> {
+    let message = invalid.message();
+    let status = crate::status::Status::failure(StatusCode::UNPROCESSABLE_ENTITY, &message).with_details(
+        crate::status::Details {
+            group: "meta.k8s.io",
+            kind: "ListOptions",
+            ..crate::status::Details::default()
+        },
+    );
+    let body = match encoding {
+        Encoding::Json => status.to_json(),
+        Encoding::Protobuf => status.to_protobuf(),
+    };
+    response(StatusCode::UNPROCESSABLE_ENTITY, encoding, body)
 }
 
 /// How long a watch lasts, from its `timeoutSeconds`: that many seconds
@@ -558,13 +759,20 @@ const BOOKMARK_BEFORE_DEADLINE: Duration = Duration::from_secs(2);
 ///
 /// - It starts at once, whatever the requested version: one newer than the
 ///   store gets the events after it as the store reaches them (the cacher
-///   neither waits nor fails a plain watch; only a WatchList request, which
-///   is not served here, waits up to 3 s and then gets a `Too large resource
-///   version` ERROR event).
+///   neither waits nor fails a plain watch; only a streaming list waits, see
+///   [`prepare_watch`], which the caller runs first).
 /// - It is *at* a version from the start: the requested one, or the store's
 ///   for `0`, or its last replayed event's; it never sends an event or a
 ///   bookmark at or below that version (the cacher's `event.ResourceVersion >
 ///   resourceVersion` in `cacheWatcher.process`).
+/// - With `sendInitialEvents=true` (a streaming list, KEP-3157) it starts
+///   with the store's state as ADDED events through its selectors, whatever
+///   the version, and is at the state's version; with bookmarks, a BOOKMARK
+///   annotated `k8s.io/initial-events-end` at that version follows at once,
+///   then the changes. With `sendInitialEvents=false` it sends no state: at
+///   `0` it starts at the store's version, at `N` after `N` (older than the
+///   retained events: the cacher's `200` + ERROR `410 Expired`, here, since
+///   a v1.20 upstream would refuse the request).
 /// - With `allowWatchBookmarks`, a BOOKMARK every `bookmark_interval` and one
 ///   2 s before the deadline, at the version of the last notice this watcher
 ///   took from the store (never ahead of an event still on its way to it),
@@ -588,15 +796,37 @@ pub fn watch(
     settings: &WatchSettings,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<Response<ByteStream>, WatchError> {
-    let (bookmarks, timeout) = match &plan.kind {
-        ReadKind::Watch { bookmarks, timeout } => (*bookmarks, *timeout),
-        _ => (false, None),
+    let (bookmarks, timeout, initial_events) = match &plan.kind {
+        ReadKind::Watch {
+            bookmarks,
+            timeout,
+            initial_events,
+        } => (*bookmarks, *timeout, *initial_events),
+        _ => (false, None, InitialEvents::Legacy),
     };
-    let from = match plan.version {
-        MinVersion::Any => 0,
-        MinVersion::AtLeast(rv) => rv,
+    let from = match (initial_events, plan.version) {
+        // The state, whatever the version: [`prepare_watch`] saw to it that
+        // the store is fresh enough.
+        (InitialEvents::Stream, _) => 0,
+        (InitialEvents::Nothing, MinVersion::Any | MinVersion::Latest) => store.resource_version(),
+        (_, MinVersion::Any | MinVersion::Latest) => 0,
+        (_, MinVersion::AtLeast(rv)) => rv,
     };
-    let start = store.watch_from(from)?;
+    let start = match store.watch_from(from) {
+        Ok(start) => start,
+        // The cacher's `410 Expired` ERROR event, for a watch a v1.20
+        // upstream would refuse (its 422 on `resourceVersionMatch`).
+        Err(WatchError::TooOld(too_old)) if initial_events == InitialEvents::Nothing => {
+            on_end();
+            let message = format!(
+                "too old resource version: {} ({})",
+                too_old.requested, too_old.oldest
+            );
+            let status = crate::status::Status::failure(StatusCode::GONE, &message);
+            return Ok(error_watch(&status, encoding));
+        }
+        Err(error) => return Err(error),
+    };
     let timeout = timeout.unwrap_or_else(|| jittered(settings.default_timeout));
     let (tx, rx) = mpsc::channel::<Result<Bytes, FetchError>>(settings.buffer.max(1));
     let interval = settings.bookmark_interval;
@@ -639,6 +869,15 @@ pub fn watch(
                 if !out.deliver(frame, &feed).await {
                     return;
                 }
+            }
+        }
+        // A streaming list's initial events end with a BOOKMARK at their
+        // state's version, marked as their end (`isListWatchRequest`: only
+        // for a client that takes bookmarks).
+        if initial_events == InitialEvents::Stream && bookmarks {
+            let frame = frames.initial_events_end(&store, started_at);
+            if !out.deliver(frame, &feed).await {
+                return;
             }
         }
         loop {
@@ -703,7 +942,12 @@ pub fn watch(
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let mut response = Response::new(Box::pin(stream) as ByteStream);
+    Ok(watch_response(Box::pin(stream), encoding))
+}
+
+/// A watch's `200` answer: its stream of frames.
+fn watch_response(stream: ByteStream, encoding: Encoding) -> Response<ByteStream> {
+    let mut response = Response::new(stream);
     let content_type = match encoding {
         Encoding::Json => "application/json",
         Encoding::Protobuf => crate::protobuf::WATCH_CONTENT_TYPE,
@@ -715,8 +959,152 @@ pub fn watch(
         header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, private"),
     );
-    Ok(response)
+    response
 }
+
+/// A watch that fails once started, as the cacher's `newErrWatcher`: `200`,
+/// one ERROR event carrying the Status, then the end of the stream.
+fn error_watch(status: &crate::status::Status<'_>, encoding: Encoding) -> Response<ByteStream> {
+    let frame = match encoding {
+        Encoding::Json => {
+            let mut object = status.to_json();
+            if object.last() == Some(&b'\n') {
+                object.pop();
+            }
+            json_event_frame("ERROR", &object)
+        }
+        Encoding::Protobuf => {
+            let body = status.to_protobuf();
+            let raw = crate::protobuf::unwrap(&body)
+                .map(|unknown| unknown.raw)
+                .unwrap_or_default();
+            crate::protobuf::watch_frame("ERROR", "v1", "Status", raw)
+        }
+    };
+    watch_response(Box::pin(futures::stream::iter([Ok(frame)])), encoding)
+}
+
+/// The annotation that marks the BOOKMARK ending a streaming list's initial
+/// events (`metav1.InitialEventsAnnotationKey`).
+pub const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
+
+/// Readies a watch with `sendInitialEvents` for [`watch`]: the version its
+/// state must be at least as fresh as, as the cacher's `Watch` settles it
+/// (`getWatchCacheResourceVersion`, `waitUntilWatchCacheFreshAndForceAllEvents`).
+/// Other watches pass through untouched.
+///
+/// - Without a version, the read is a consistent one: at least the API
+///   server's current version, which kache asks it for (a LIST with
+///   `limit=1` and no version: one object read from etcd, and etcd's
+///   revision). A `sendInitialEvents=false` watch then follows the changes
+///   after it, at once. A streaming list waits, at most `fresh_timeout`, for
+///   the store to reach it. That revision is etcd's, shared by every
+///   resource, and a v1.20 API server moves a resource's version only with
+///   its own changes (no progress notifications): the store of a resource
+///   nobody changes lags it for good. So when the wait is over, a store
+///   still in sync with the API server is taken as it is — its watch had
+///   `fresh_timeout` to deliver any change made before the request — and
+///   the state is sent at the store's version.
+/// - At `N`, a streaming list waits, at most `fresh_timeout`, for the store
+///   to reach `N`; a `sendInitialEvents=false` watch starts at once.
+/// - At `0`, neither waits.
+///
+/// # Errors
+/// The watch's answer when it cannot start, the cacher's own: `200` and one
+/// ERROR event — `504 Timeout` `Too large resource version` (retry after
+/// 1 s; client-go then starts over without a version) when the store did not
+/// become fresh enough, `500` when the API server could not be asked its
+/// version.
+pub async fn prepare_watch(
+    mut plan: ReadPlan,
+    spec: &ResourceSpec,
+    store: &Store,
+    encoding: Encoding,
+    client: &dyn crate::upstream::ApiClient,
+    fresh_timeout: Duration,
+) -> Result<ReadPlan, Response<ByteStream>> {
+    let initial_events = match plan.kind {
+        ReadKind::Watch { initial_events, .. } => initial_events,
+        _ => return Ok(plan),
+    };
+    let required = match (initial_events, plan.version) {
+        (InitialEvents::Legacy, _) | (_, MinVersion::Any) => return Ok(plan),
+        (InitialEvents::Nothing, MinVersion::AtLeast(_)) => return Ok(plan),
+        (_, MinVersion::AtLeast(rv)) => rv,
+        (_, MinVersion::Latest) => match current_resource_version(client, spec).await {
+            Ok(rv) => rv,
+            Err(message) => {
+                let status = crate::status::Status::failure(StatusCode::INTERNAL_SERVER_ERROR, &message);
+                return Err(error_watch(&status, encoding));
+            }
+        },
+    };
+    if initial_events == InitialEvents::Nothing {
+        plan.version = MinVersion::AtLeast(required);
+        return Ok(plan);
+    }
+    let consistent = plan.version == MinVersion::Latest;
+    if store.wait_for(required, fresh_timeout).await || (consistent && store.is_synced()) {
+        return Ok(plan);
+    }
+    let message = format!(
+        "Timeout: Too large resource version: {required}, current: {}",
+        store.resource_version()
+    );
+    let status = crate::status::Status::failure(StatusCode::GATEWAY_TIMEOUT, &message).with_details(
+        crate::status::Details {
+            retry_after_seconds: Some(1),
+            ..crate::status::Details::default()
+        },
+    );
+    Err(error_watch(&status, encoding))
+}
+
+/// The API server's current resourceVersion, from a LIST of the resource
+/// with `limit=1` and no version (served from etcd: its revision).
+///
+/// # Errors
+/// What went wrong, for the ERROR event's message.
+pub async fn current_resource_version(
+    client: &dyn crate::upstream::ApiClient,
+    spec: &ResourceSpec,
+) -> Result<u64, String> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        metadata: ListMeta,
+    }
+    #[derive(serde::Deserialize)]
+    struct ListMeta {
+        #[serde(default, rename = "resourceVersion")]
+        resource_version: String,
+    }
+    let failed = |why: String| {
+        format!(
+            "unable to get the current resource version of {}: {why}",
+            spec.qualified_resource()
+        )
+    };
+    let request = http::Request::get(format!("{}?limit=1", spec.collection_path()))
+        .header(header::ACCEPT, CURRENT_VERSION_ACCEPT)
+        .body(())
+        .map_err(|e| failed(e.to_string()))?;
+    let response = client.fetch(request).await.map_err(|e| failed(e.0))?;
+    if response.status() != StatusCode::OK {
+        return Err(failed(format!("the API server answered {}", response.status())));
+    }
+    let list: List = serde_json::from_slice(response.body()).map_err(|e| failed(e.to_string()))?;
+    parse_resource_version(&list.metadata.resource_version).ok_or_else(|| {
+        failed(format!(
+            "no resourceVersion in {:?}",
+            list.metadata.resource_version
+        ))
+    })
+}
+
+/// The answer [`current_resource_version`] asks for: the one object's
+/// metadata alone where the API server can.
+const CURRENT_VERSION_ACCEPT: &str =
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json";
 
 /// When a watcher's next bookmark is due, from `now`: after `interval`, or
 /// 2 s before the `deadline` if that is sooner; `None` once that is past
@@ -908,6 +1296,33 @@ impl Frames {
             }
             Encoding::Protobuf => {
                 let object = crate::protobuf::bookmark_object(store.bookmark().as_deref(), resource_version);
+                self.event("BOOKMARK", &object)
+            }
+        }
+    }
+}
+
+impl Frames {
+    /// The BOOKMARK that ends a streaming list's initial events, at their
+    /// state's version, annotated `k8s.io/initial-events-end: "true"` as the
+    /// cacher's `AnnotateInitialEventsEndBookmark` marks it. JSON: the
+    /// current API server's own bytes for an empty object of a type without
+    /// spec (no `creationTimestamp`: it is `omitzero` there); protobuf: the
+    /// periodic bookmark's object with the annotation added.
+    fn initial_events_end(&self, store: &Store, resource_version: u64) -> Bytes {
+        match self.encoding {
+            Encoding::Json => {
+                let quoted = |s: &str| serde_json::to_string(s).expect("invariant: a string serializes");
+                let object = format!(
+                    r#"{{"kind":{},"apiVersion":{},"metadata":{{"resourceVersion":"{resource_version}","annotations":{{"{INITIAL_EVENTS_END}":"true"}}}}}}"#,
+                    quoted(&self.kind),
+                    quoted(&self.api_version),
+                );
+                json_event_frame("BOOKMARK", object.as_bytes())
+            }
+            Encoding::Protobuf => {
+                let object = crate::protobuf::bookmark_object(store.bookmark().as_deref(), resource_version);
+                let object = crate::protobuf::with_annotation(&object, INITIAL_EVENTS_END, "true");
                 self.event("BOOKMARK", &object)
             }
         }

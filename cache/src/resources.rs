@@ -425,6 +425,9 @@ impl Cache {
         let spec = self.spec(&gvr).await?;
         Cache::scope(info, &spec, &mut plan)?;
         let encoding = plan.encoding(&spec)?;
+        if let Some(invalid) = &plan.invalid {
+            return Ok((Answer::Full(reads::invalid(invalid, encoding)), encoding));
+        }
         if !reads::fields_supported(&plan.field, &spec) {
             return Err(Bypass::UnsupportedField);
         }
@@ -472,7 +475,14 @@ impl Cache {
             ReadKind::Watch { .. } => {
                 // A version newer than the store's (from a consistent list)
                 // starts at once, as on the API server's watch cache: the
-                // watch sends only what comes after it (`reads::watch`).
+                // watch sends only what comes after it (`reads::watch`). A
+                // streaming list first waits for a store fresh enough.
+                let (client, fresh) = (self.inner.client.as_ref(), self.inner.config.fresh_timeout);
+                let prepared = reads::prepare_watch(plan, &cached.spec, store, encoding, client, fresh);
+                let plan = match prepared.await {
+                    Ok(plan) => plan,
+                    Err(refused) => return Ok(Answer::Stream(refused)),
+                };
                 let watchers = cached.watchers.clone();
                 watchers.fetch_add(1, Ordering::Relaxed);
                 let gauge = self.inner.metrics.watchers.get_or_create(&ResourceLabels {

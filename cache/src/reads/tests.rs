@@ -1215,3 +1215,744 @@ async fn bookmarks_never_run_ahead_of_the_events_still_on_their_way() {
     assert_eq!(delivered, 5 + ROUNDS * BURST);
     assert!(bookmarked > 0, "no bookmark at all: {events:?}");
 }
+
+// ------------------------------------------------------ streaming lists ----
+//
+// Watches with `sendInitialEvents` (KEP-3157), as a current API server's
+// cacher answers them.
+
+/// What client-go's reflector sends for a streaming list (`watchList`),
+/// with `extra` query parameters.
+fn watch_list_uri(collection: &str, resource_version: &str, extra: &str) -> String {
+    format!(
+        "{collection}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true\
+         &resourceVersionMatch=NotOlderThan&resourceVersion={resource_version}&timeoutSeconds=300{extra}"
+    )
+}
+
+fn stream_kind(plan: &ReadPlan) -> Option<InitialEvents> {
+    match plan.kind {
+        ReadKind::Watch { initial_events, .. } => Some(initial_events),
+        _ => None,
+    }
+}
+
+#[test]
+fn streaming_lists_are_planned_with_the_version_they_need() {
+    let cases = [
+        (watch_list_uri("/api/v1/pods", "", ""), MinVersion::Latest),
+        (
+            "/api/v1/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
+                .to_string(),
+            MinVersion::Latest,
+        ),
+        (watch_list_uri("/api/v1/pods", "0", ""), MinVersion::Any),
+        (watch_list_uri("/api/v1/pods", "12", ""), MinVersion::AtLeast(12)),
+        (
+            watch_list_uri("/api/v1/namespaces/a/pods", "12", "&labelSelector=app%3Dweb"),
+            MinVersion::AtLeast(12),
+        ),
+    ];
+    for (uri, version) in cases {
+        let plan = plan_for(&uri, None).unwrap_or_else(|e| panic!("{uri}: {e:?}"));
+        assert_eq!(plan.invalid, None, "{uri}");
+        assert_eq!(plan.version, version, "{uri}");
+        assert_eq!(stream_kind(&plan), Some(InitialEvents::Stream), "{uri}");
+    }
+    // `false`, `0` (any case): no initial events; anything else, even empty: some.
+    for (value, kind) in [
+        ("false", InitialEvents::Nothing),
+        ("FALSE", InitialEvents::Nothing),
+        ("0", InitialEvents::Nothing),
+        ("1", InitialEvents::Stream),
+        ("", InitialEvents::Stream),
+    ] {
+        let uri = format!(
+            "/api/v1/pods?watch=true&sendInitialEvents={value}&resourceVersionMatch=NotOlderThan&resourceVersion=3"
+        );
+        let plan = plan_for(&uri, None).expect("plan");
+        assert_eq!(stream_kind(&plan), Some(kind), "{uri}");
+    }
+    // The first value counts, as the API server's parameter codec reads it.
+    let plan = plan_for(
+        "/api/v1/pods?watch=true&sendInitialEvents=false&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+        None,
+    )
+    .expect("plan");
+    assert_eq!(stream_kind(&plan), Some(InitialEvents::Nothing));
+    assert_eq!(plan.version, MinVersion::Latest);
+    // Plain watches keep v1.20's meaning; a GET ignores the parameter.
+    let plain = plan_for("/api/v1/pods?watch=true", None).expect("plan");
+    assert_eq!(
+        (stream_kind(&plain), plain.version),
+        (Some(InitialEvents::Legacy), MinVersion::Any)
+    );
+    let get = plan_for(
+        "/api/v1/namespaces/a/pods/p?resourceVersion=0&sendInitialEvents=true",
+        None,
+    )
+    .expect("plan");
+    assert_eq!(get.invalid, None);
+    // A streaming list at a version that is not one: the upstream's answer.
+    assert_eq!(
+        plan_for(&watch_list_uri("/api/v1/pods", "abc", ""), None).err(),
+        Some(Bypass::InvalidResourceVersion)
+    );
+}
+
+/// The API server's (`ValidateListOptions`) 422 message for a read.
+fn invalid_message(uri: &str) -> Option<String> {
+    plan_for(uri, None)
+        .unwrap_or_else(|e| panic!("{uri}: forwarded ({e:?})"))
+        .invalid
+        .map(|invalid| invalid.message())
+}
+
+#[test]
+fn options_a_current_api_server_refuses_get_its_422() {
+    let requires = "resourceVersionMatch: Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan";
+    let cases = [
+        // No match: a v1.20 API server would serve a plain watch.
+        ("/api/v1/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true", requires.to_string()),
+        ("/api/v1/pods?watch=true&sendInitialEvents=false&resourceVersion=5", requires.to_string()),
+        ("/api/v1/pods?watch=true&sendInitialEvents=true&resourceVersionMatch=", requires.to_string()),
+        (
+            "/api/v1/pods?watch=true&sendInitialEvents=true&resourceVersionMatch=Exact&resourceVersion=5",
+            format!(
+                "[{requires}, resourceVersionMatch: Unsupported value: \"Exact\": supported values: \"NotOlderThan\"]"
+            ),
+        ),
+        (
+            "/api/v1/pods?watch=true&sendInitialEvents=true&resourceVersionMatch=a%3Cb",
+            format!(
+                "[{requires}, resourceVersionMatch: Unsupported value: \"a\\u003cb\": supported values: \"NotOlderThan\"]"
+            ),
+        ),
+        (
+            "/api/v1/pods?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&continue=abc",
+            "resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden when continue is provided".into(),
+        ),
+        // Lists: v1.20 ignores the parameter.
+        (
+            "/api/v1/pods?resourceVersion=0&sendInitialEvents=true",
+            "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list".into(),
+        ),
+        (
+            "/api/v1/pods?sendInitialEvents=false&resourceVersionMatch=NotOlderThan",
+            "[resourceVersionMatch: Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided, \
+             sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list]"
+                .into(),
+        ),
+        (
+            "/api/v1/pods?resourceVersion=0&resourceVersionMatch=Exact&sendInitialEvents=true",
+            "[resourceVersionMatch: Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\", \
+             sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list]"
+                .into(),
+        ),
+        // The API server validates by the `watch` parameter, not the path.
+        (
+            "/api/v1/watch/pods?sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion=5",
+            "sendInitialEvents: Forbidden: sendInitialEvents is forbidden for list".into(),
+        ),
+        // A watch of one object is not served, but its options are checked.
+        ("/api/v1/watch/namespaces/a/pods/p?watch=true&sendInitialEvents=true", requires.to_string()),
+    ];
+    for (uri, errors) in cases {
+        assert_eq!(
+            invalid_message(uri),
+            Some(format!("ListOptions.meta.k8s.io \"\" is invalid: {errors}")),
+            "{uri}"
+        );
+    }
+    // What a v1.20 API server refuses itself (a match on a plain watch) is
+    // still forwarded to it, as is a valid watch of one object.
+    for uri in [
+        "/api/v1/pods?watch=true&resourceVersionMatch=NotOlderThan&resourceVersion=5",
+        "/api/v1/watch/namespaces/a/pods/p?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan",
+    ] {
+        assert_eq!(plan_for(uri, None).err(), Some(Bypass::Parameters), "{uri}");
+    }
+}
+
+#[test]
+fn the_422_is_the_api_servers_status_in_the_reads_encoding() {
+    let plan = plan_for(
+        "/api/v1/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true",
+        None,
+    )
+    .expect("plan");
+    let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Json);
+    assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(answer.headers()[header::CONTENT_TYPE], "application/json");
+    assert_eq!(
+        String::from_utf8_lossy(answer.body()),
+        "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\
+         \"message\":\"ListOptions.meta.k8s.io \\\"\\\" is invalid: resourceVersionMatch: Forbidden: \
+         sendInitialEvents requires setting resourceVersionMatch to NotOlderThan\",\"reason\":\"Invalid\",\
+         \"details\":{\"group\":\"meta.k8s.io\",\"kind\":\"ListOptions\"},\"code\":422}\n"
+    );
+    let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Protobuf);
+    assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        answer.headers()[header::CONTENT_TYPE],
+        crate::protobuf::CONTENT_TYPE
+    );
+    let status = crate::protobuf::unwrap(answer.body()).expect("envelope");
+    assert_eq!((status.api_version, status.kind), (&b"v1"[..], &b"Status"[..]));
+    let (code, message) = crate::protobuf::status(status.raw);
+    assert_eq!(code, Some(422));
+    assert!(message.contains("sendInitialEvents requires"), "{message}");
+}
+
+/// Summary of JSON events: (type, name, resourceVersion, initial-events-end annotation).
+fn streamed(events: &[serde_json::Value]) -> Vec<(String, String, String, bool)> {
+    events
+        .iter()
+        .map(|e| {
+            let meta = &e["object"]["metadata"];
+            (
+                e["type"].as_str().unwrap_or("").to_string(),
+                meta["name"].as_str().unwrap_or("").to_string(),
+                meta["resourceVersion"].as_str().unwrap_or("").to_string(),
+                meta["annotations"][INITIAL_EVENTS_END] == "true",
+            )
+        })
+        .collect()
+}
+
+fn ev(kind: &str, name: &str, rv: &str, end: bool) -> (String, String, String, bool) {
+    (kind.into(), name.into(), rv.into(), end)
+}
+
+/// A store at 5 of configmaps in `a` (x, y: app=web; z: app=db) and `b` (w: app=web).
+fn stream_store(window: usize) -> Arc<Store> {
+    let store = Arc::new(Store::new(window, 100));
+    store.replace(
+        vec![
+            configmap("a", "x", 2, &[("app", "web")]),
+            configmap("a", "y", 4, &[("app", "web")]),
+            configmap("a", "z", 3, &[("app", "db")]),
+            configmap("b", "w", 1, &[("app", "web")]),
+        ],
+        5,
+    );
+    store
+}
+
+fn start_watch(store: &Arc<Store>, uri: &str, encoding: Encoding) -> Response<ByteStream> {
+    let accept = (encoding == Encoding::Protobuf).then_some("application/vnd.kubernetes.protobuf");
+    let plan = plan_for(uri, accept).expect("plan");
+    watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        encoding,
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch")
+}
+
+#[tokio::test]
+async fn a_streaming_list_sends_the_state_through_its_selectors_then_the_end_bookmark_then_changes() {
+    // Any version at most the store's is served from the store's state, at
+    // the store's version: NotOlderThan, even one older than every event kept.
+    for rv in ["0", "3", "5"] {
+        let store = stream_store(100);
+        let uri = watch_list_uri("/api/v1/namespaces/a/configmaps", rv, "&labelSelector=app%3Dweb");
+        let response = start_watch(&store, &uri, Encoding::Json);
+        store.apply(EventType::Modified, configmap("a", "z", 6, &[("app", "web")]));
+        store.apply(EventType::Added, configmap("b", "v", 7, &[("app", "web")]));
+        store.apply(EventType::Deleted, configmap("a", "x", 8, &[("app", "web")]));
+        let events = frames(response, 5).await;
+        assert_eq!(
+            streamed(&events),
+            [
+                ev("ADDED", "x", "2", false),
+                ev("ADDED", "y", "4", false),
+                ev("BOOKMARK", "", "5", true),
+                ev("ADDED", "z", "6", false),
+                ev("DELETED", "x", "8", false),
+            ],
+            "resourceVersion={rv}"
+        );
+    }
+    // The bookmark is the current API server's, byte for byte.
+    let store = stream_store(100);
+    let response = start_watch(
+        &store,
+        &watch_list_uri("/api/v1/configmaps", "0", ""),
+        Encoding::Json,
+    );
+    let mut body = Vec::new();
+    let mut response = response;
+    use futures::StreamExt;
+    while !body.ends_with(b"}}}}\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.body_mut().next())
+            .await
+            .expect("frame in time")
+            .expect("open")
+            .expect("no error");
+        body.extend_from_slice(&chunk);
+    }
+    let last = body[..body.len() - 1]
+        .rsplit(|b| *b == b'\n')
+        .next()
+        .expect("a line");
+    assert_eq!(
+        String::from_utf8_lossy(last),
+        r#"{"type":"BOOKMARK","object":{"kind":"ConfigMap","apiVersion":"v1","metadata":{"resourceVersion":"5","annotations":{"k8s.io/initial-events-end":"true"}}}}"#
+    );
+    assert_eq!(
+        body.iter().filter(|b| **b == b'\n').count(),
+        5,
+        "the four objects, then the bookmark"
+    );
+}
+
+#[tokio::test]
+async fn without_bookmarks_a_streaming_list_sends_no_end_bookmark() {
+    let store = stream_store(100);
+    let uri = "/api/v1/namespaces/a/configmaps?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&resourceVersion=0";
+    let response = start_watch(&store, uri, Encoding::Json);
+    store.apply(EventType::Modified, configmap("a", "y", 6, &[]));
+    let events = frames(response, 4).await;
+    assert_eq!(
+        streamed(&events),
+        [
+            ev("ADDED", "x", "2", false),
+            ev("ADDED", "y", "4", false),
+            ev("ADDED", "z", "3", false),
+            ev("MODIFIED", "y", "6", false),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn send_initial_events_false_sends_only_changes() {
+    // At 0: from the store's version; at N: after N.
+    for (rv, expected) in [
+        ("0", vec![ev("MODIFIED", "y", "6", false)]),
+        (
+            "3",
+            vec![ev("ADDED", "y", "4", false), ev("MODIFIED", "y", "6", false)],
+        ),
+    ] {
+        let store = Arc::new(Store::new(100, 100));
+        store.replace(vec![configmap("a", "x", 2, &[])], 3);
+        store.apply(EventType::Added, configmap("a", "y", 4, &[]));
+        let uri = format!(
+            "/api/v1/configmaps?watch=true&sendInitialEvents=false&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&resourceVersion={rv}"
+        );
+        let response = start_watch(&store, &uri, Encoding::Json);
+        store.apply(EventType::Modified, configmap("a", "y", 6, &[]));
+        let events = frames(response, expected.len()).await;
+        assert_eq!(streamed(&events), expected, "resourceVersion={rv}");
+    }
+}
+
+#[tokio::test]
+async fn send_initial_events_false_from_a_version_too_old_gets_the_410_error_event() {
+    use futures::StreamExt;
+    let store = stream_store(1);
+    store.apply(EventType::Modified, configmap("a", "x", 6, &[]));
+    store.apply(EventType::Modified, configmap("a", "x", 7, &[]));
+    let uri = "/api/v1/configmaps?watch=true&sendInitialEvents=false&resourceVersionMatch=NotOlderThan&resourceVersion=5";
+    let plan = plan_for(uri, None).expect("plan");
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ended.clone();
+    let mut response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &WatchSettings::default(),
+        move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+    )
+    .expect("answered here: the upstream would refuse the request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let frame = response
+        .body_mut()
+        .next()
+        .await
+        .expect("a frame")
+        .expect("no error");
+    assert_eq!(
+        String::from_utf8_lossy(&frame),
+        "{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\
+         \"status\":\"Failure\",\"message\":\"too old resource version: 5 (6)\",\"reason\":\"Expired\",\"code\":410}}\n"
+    );
+    assert!(response.body_mut().next().await.is_none(), "then the end");
+    assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
+    // A plain watch keeps being forwarded: the upstream answers it itself.
+    let plain = plan_for("/api/v1/configmaps?watch=true&resourceVersion=5", None).expect("plan");
+    let refused = watch(
+        plain,
+        Arc::new(spec(false)),
+        store,
+        Encoding::Json,
+        &WatchSettings::default(),
+        || {},
+    );
+    assert!(matches!(refused, Err(WatchError::TooOld(_))));
+}
+
+/// The annotations (field 12 entries) of a protobuf object's metadata.
+fn pb_annotations(object: &[u8]) -> Vec<(String, String)> {
+    let Some(Ok((1, crate::protobuf::Value::Bytes(meta)))) = crate::protobuf::fields(object).next() else {
+        return Vec::new();
+    };
+    crate::protobuf::fields(meta)
+        .filter_map(|f| match f.expect("field") {
+            (12, crate::protobuf::Value::Bytes(entry)) => {
+                let mut kv = crate::protobuf::fields(entry).map(|f| match f.expect("field") {
+                    (_, crate::protobuf::Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                });
+                Some((kv.next().unwrap_or_default(), kv.next().unwrap_or_default()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn protobuf_streaming_lists_end_their_initial_events_with_an_annotated_bookmark() {
+    let store = Arc::new(Store::new(100, 100));
+    store.replace(
+        vec![
+            pb_configmap("a", "x", 2, &[("app", "web")]),
+            pb_configmap("a", "z", 3, &[("app", "db")]),
+        ],
+        5,
+    );
+    let uri = watch_list_uri("/api/v1/configmaps", "", "&labelSelector=app%3Dweb");
+    let response = start_watch(&store, &uri, Encoding::Protobuf);
+    store.apply(EventType::Modified, pb_configmap("a", "z", 6, &[("app", "web")]));
+    let events = protobuf_events(response, 3).await;
+    let summary: Vec<_> = events
+        .iter()
+        .map(|(kind, meta, raw)| {
+            (
+                kind.as_str(),
+                meta.name.as_str(),
+                meta.resource_version.as_str(),
+                pb_annotations(raw),
+            )
+        })
+        .collect();
+    let end = vec![(INITIAL_EVENTS_END.to_string(), "true".to_string())];
+    assert_eq!(
+        summary,
+        [
+            ("ADDED", "x", "2", vec![]),
+            ("BOOKMARK", "", "5", end),
+            ("ADDED", "z", "6", vec![]),
+        ]
+    );
+    // Without an API server bookmark to copy: ObjectMeta{resourceVersion,
+    // annotations} alone.
+    assert_eq!(
+        events[1].2.as_ref(),
+        b"\x0a\x26\x32\x015\x62\x21\x0a\x19k8s.io/initial-events-end\x12\x04true"
+    );
+}
+
+#[tokio::test]
+async fn a_protobuf_end_bookmark_is_the_api_servers_bookmark_with_the_annotation_in_its_place() {
+    // A v1.20 bookmark's ConfigMap: every ObjectMeta string written, empty,
+    // creationTimestamp, clusterName (15) last.
+    let template = b"\x0a\x19\x0a\x00\x12\x00\x1a\x00\x22\x00\x2a\x00\x32\x03123\x38\x00\x42\x04\x08\x00\x10\x00\x7a\x00";
+    let store = Arc::new(Store::new(100, 100));
+    store.replace(vec![pb_configmap("a", "x", 2, &[])], 5);
+    store.remember_bookmark(Bytes::from_static(template));
+    let response = start_watch(
+        &store,
+        &watch_list_uri("/api/v1/configmaps", "0", ""),
+        Encoding::Protobuf,
+    );
+    let events = protobuf_events(response, 2).await;
+    assert_eq!(events[1].0, "BOOKMARK");
+    assert_eq!(
+        events[1].2.as_ref(),
+        &b"\x0a\x3a\x0a\x00\x12\x00\x1a\x00\x22\x00\x2a\x00\x32\x015\x38\x00\x42\x04\x08\x00\x10\x00\
+           \x62\x21\x0a\x19k8s.io/initial-events-end\x12\x04true\x7a\x00"[..]
+    );
+    // Among other annotations, in key order; one of the same key is replaced.
+    let entry = |k: &str, v: &str| {
+        let mut e = vec![0x0a, u8::try_from(k.len()).expect("short")];
+        e.extend_from_slice(k.as_bytes());
+        e.extend_from_slice(&[0x12, u8::try_from(v.len()).expect("short")]);
+        e.extend_from_slice(v.as_bytes());
+        let mut f = vec![0x62, u8::try_from(e.len()).expect("short")];
+        f.extend_from_slice(&e);
+        f
+    };
+    let object = |entries: &[(&str, &str)]| {
+        let mut meta = b"\x32\x015".to_vec();
+        for (k, v) in entries {
+            meta.extend_from_slice(&entry(k, v));
+        }
+        meta.extend_from_slice(b"\x7a\x00");
+        let mut out = vec![0x0a, u8::try_from(meta.len()).expect("short")];
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(b"\x12\x00");
+        out
+    };
+    let annotated = crate::protobuf::with_annotation(&object(&[("a", "1"), ("z", "2")]), "k", "true");
+    assert_eq!(
+        annotated.as_ref(),
+        object(&[("a", "1"), ("k", "true"), ("z", "2")])
+    );
+    let replaced = crate::protobuf::with_annotation(&object(&[("k", "false")]), "k", "true");
+    assert_eq!(replaced.as_ref(), object(&[("k", "true")]));
+}
+
+// ------------------------------------------ streaming lists: freshness ----
+
+/// An API server whose LIST `?limit=1` says it is at `version` (or fails).
+struct CurrentVersion {
+    version: Option<u64>,
+    asked: std::sync::Mutex<Vec<String>>,
+}
+
+impl CurrentVersion {
+    fn at(version: Option<u64>) -> CurrentVersion {
+        CurrentVersion {
+            version,
+            asked: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl crate::upstream::ApiClient for CurrentVersion {
+    fn fetch(
+        &self,
+        request: http::Request<()>,
+    ) -> crate::upstream::BoxFuture<'_, Result<Response<Bytes>, crate::upstream::FetchError>> {
+        self.asked.lock().expect("lock").push(format!(
+            "{} {}",
+            request.uri(),
+            request.headers()[header::ACCEPT].to_str().expect("ascii")
+        ));
+        let answer = match self.version {
+            Some(rv) => Ok(Response::new(Bytes::from(format!(
+                r#"{{"kind":"PartialObjectMetadataList","apiVersion":"meta.k8s.io/v1","metadata":{{"resourceVersion":"{rv}","continue":"x","remainingItemCount":3}},"items":[{{"metadata":{{"name":"x"}}}}]}}"#
+            )))),
+            None => Err(crate::upstream::FetchError("connection refused".into())),
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn stream(
+        &self,
+        _: http::Request<()>,
+    ) -> crate::upstream::BoxFuture<'_, Result<Response<ByteStream>, crate::upstream::FetchError>> {
+        Box::pin(async { Err(crate::upstream::FetchError("no watches here".into())) })
+    }
+}
+
+const FRESH: Duration = Duration::from_secs(3);
+
+async fn prepared(
+    store: &Arc<Store>,
+    uri: &str,
+    api: &CurrentVersion,
+) -> Result<Response<ByteStream>, Response<ByteStream>> {
+    let plan = plan_for(uri, None).expect("plan");
+    let plan = prepare_watch(plan, &spec(false), store, Encoding::Json, api, FRESH).await?;
+    Ok(watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch"))
+}
+
+/// The watch, when [`prepare_watch`] let it start.
+fn served(prepared: Result<Response<ByteStream>, Response<ByteStream>>, what: &str) -> Response<ByteStream> {
+    prepared.unwrap_or_else(|_| panic!("{what}: refused"))
+}
+
+/// The answer of a watch [`prepare_watch`] refused.
+fn refused(prepared: Result<Response<ByteStream>, Response<ByteStream>>, what: &str) -> Response<ByteStream> {
+    match prepared {
+        Ok(_) => panic!("{what}: started"),
+        Err(answer) => answer,
+    }
+}
+
+/// The one ERROR event of a watch that could not start, then its end.
+async fn error_event(mut response: Response<ByteStream>) -> String {
+    use futures::StreamExt;
+    assert_eq!(response.status(), StatusCode::OK);
+    let frame = response
+        .body_mut()
+        .next()
+        .await
+        .expect("a frame")
+        .expect("no error");
+    assert!(response.body_mut().next().await.is_none(), "then the end");
+    String::from_utf8_lossy(&frame).into_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_list_without_a_version_waits_for_the_api_servers_current_version() {
+    let store = stream_store(100);
+    let api = CurrentVersion::at(Some(9));
+    let uri = watch_list_uri("/api/v1/namespaces/a/configmaps", "", "");
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            store.apply(EventType::Modified, configmap("a", "x", 9, &[("app", "web")]));
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let response = served(prepared(&store, &uri, &api).await, "fresh in time");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(1),
+        "as soon as the store reached 9"
+    );
+    writer.await.expect("writer");
+    let events = frames(response, 4).await;
+    assert_eq!(
+        streamed(&events),
+        [
+            ev("ADDED", "x", "9", false),
+            ev("ADDED", "y", "4", false),
+            ev("ADDED", "z", "3", false),
+            ev("BOOKMARK", "", "9", true),
+        ]
+    );
+    assert_eq!(
+        *api.asked.lock().expect("lock"),
+        ["/api/v1/configmaps?limit=1 application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_store_in_sync_serves_a_streaming_list_without_a_version_at_its_own_version() {
+    // etcd's revision moved with other resources; this one did not change.
+    let store = stream_store(100);
+    let api = CurrentVersion::at(Some(40));
+    let started = tokio::time::Instant::now();
+    let response = served(
+        prepared(
+            &store,
+            &watch_list_uri("/api/v1/namespaces/b/configmaps", "", ""),
+            &api,
+        )
+        .await,
+        "served",
+    );
+    assert_eq!(
+        started.elapsed(),
+        FRESH,
+        "after giving the store's watch its chance"
+    );
+    let events = frames(response, 2).await;
+    assert_eq!(
+        streamed(&events),
+        [ev("ADDED", "w", "1", false), ev("BOOKMARK", "", "5", true)]
+    );
+    // Out of sync with the API server, it is not fresh enough: the cacher's
+    // answer to a cache behind the version.
+    store.mark_unsynced();
+    let refused = refused(
+        prepared(&store, &watch_list_uri("/api/v1/configmaps", "", ""), &api).await,
+        "not fresh",
+    );
+    assert_eq!(
+        error_event(refused).await,
+        "{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\
+         \"status\":\"Failure\",\"message\":\"Timeout: Too large resource version: 40, current: 5\",\
+         \"reason\":\"Timeout\",\"details\":{\"retryAfterSeconds\":1},\"code\":504}}\n"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_list_at_a_version_waits_for_it_or_gets_too_large_resource_version() {
+    let store = stream_store(100);
+    let api = CurrentVersion::at(Some(1000));
+    // Reached while waiting: served, at the store's version then.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            store.progress(8);
+        })
+    };
+    let response = served(
+        prepared(
+            &store,
+            &watch_list_uri("/api/v1/namespaces/b/configmaps", "7", ""),
+            &api,
+        )
+        .await,
+        "fresh in time",
+    );
+    writer.await.expect("writer");
+    assert_eq!(
+        streamed(&frames(response, 2).await),
+        [ev("ADDED", "w", "1", false), ev("BOOKMARK", "", "8", true)]
+    );
+    // Never reached, though in sync: the version is the client's promise.
+    let started = tokio::time::Instant::now();
+    let refused = refused(
+        prepared(&store, &watch_list_uri("/api/v1/configmaps", "12", ""), &api).await,
+        "not fresh",
+    );
+    assert_eq!(started.elapsed(), FRESH);
+    assert!(error_event(refused)
+        .await
+        .contains("\"message\":\"Timeout: Too large resource version: 12, current: 8\""),);
+    assert!(
+        api.asked.lock().expect("lock").is_empty(),
+        "a version needs no question to the API server"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn send_initial_events_false_without_a_version_follows_changes_after_the_api_servers_version() {
+    let store = stream_store(100);
+    let api = CurrentVersion::at(Some(7));
+    let uri = "/api/v1/configmaps?watch=true&sendInitialEvents=false&resourceVersionMatch=NotOlderThan";
+    let started = tokio::time::Instant::now();
+    let response = served(prepared(&store, uri, &api).await, "served");
+    assert_eq!(started.elapsed(), Duration::ZERO, "no wait");
+    store.apply(EventType::Modified, configmap("a", "x", 6, &[]));
+    store.apply(EventType::Modified, configmap("a", "x", 8, &[]));
+    assert_eq!(
+        streamed(&frames(response, 1).await),
+        [ev("MODIFIED", "x", "8", false)]
+    );
+}
+
+#[tokio::test]
+async fn an_api_server_that_cannot_be_asked_its_version_fails_the_streaming_list() {
+    let store = stream_store(100);
+    let api = CurrentVersion::at(None);
+    let refused = refused(
+        prepared(&store, &watch_list_uri("/api/v1/configmaps", "", ""), &api).await,
+        "failed",
+    );
+    let event: serde_json::Value = serde_json::from_str(&error_event(refused).await).expect("json");
+    assert_eq!(event["type"], "ERROR");
+    assert_eq!(event["object"]["code"], 500);
+    assert_eq!(event["object"]["reason"], "InternalError");
+    assert_eq!(
+        event["object"]["message"],
+        "unable to get the current resource version of configmaps: connection refused"
+    );
+    // At 0 nothing is asked, nothing awaited.
+    assert!(
+        prepared(&store, &watch_list_uri("/api/v1/configmaps", "0", ""), &api)
+            .await
+            .is_ok()
+    );
+}
