@@ -111,7 +111,8 @@ impl ResourceSpec {
     /// # Errors
     /// The JSON is not an object with a name and resourceVersion.
     pub fn object(&self, json: Bytes) -> Result<Object, crate::store::ObjectError> {
-        Object::from_json(json, !self.custom, |value| self.field_values(value))
+        let paths = crate::prune::Paths::for_resource(&self.group, &self.resource, self.custom);
+        Object::from_json_pruned(json, !self.custom, &paths, |value| self.field_values(value))
     }
 
     /// Whether the cache may keep this resource in protobuf: a built-in type

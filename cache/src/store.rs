@@ -104,6 +104,32 @@ impl Object {
     ) -> Result<Object, ObjectError> {
         let value: serde_json::Value =
             serde_json::from_slice(&json).map_err(|e| ObjectError(format!("invalid object JSON: {e}")))?;
+        Object::from_parsed(json, strip_type_meta, &value, fields)
+    }
+
+    /// [`Object::from_json`] reading only what lies on `paths` (see
+    /// [`crate::prune`]): `fields` must read nothing else.
+    ///
+    /// # Errors
+    /// As [`Object::from_json`].
+    pub fn from_json_pruned(
+        json: Bytes,
+        strip_type_meta: bool,
+        paths: &crate::prune::Paths,
+        fields: impl FnOnce(&serde_json::Value) -> BTreeMap<String, String>,
+    ) -> Result<Object, ObjectError> {
+        let value = crate::prune::parse(&json, paths)
+            .map_err(|e| ObjectError(format!("invalid object JSON: {e}")))?;
+        Object::from_parsed(json, strip_type_meta, &value, fields)
+    }
+
+    /// The object of `json`, whose parsed value (whole or pruned) is `value`.
+    fn from_parsed(
+        json: Bytes,
+        strip_type_meta: bool,
+        value: &serde_json::Value,
+        fields: impl FnOnce(&serde_json::Value) -> BTreeMap<String, String>,
+    ) -> Result<Object, ObjectError> {
         let metadata = &value["metadata"];
         let name = metadata["name"]
             .as_str()
@@ -120,15 +146,18 @@ impl Object {
             })
             .unwrap_or_default();
         let item_offset = if strip_type_meta {
-            type_meta_end(&json, &value)
+            type_meta_end(&json, value)
         } else {
             None
         };
         let (json, item_offset) = match (strip_type_meta, item_offset) {
-            // Unusual field order: re-encode once with the type meta first.
+            // Unusual field order: re-encode once with the type meta first
+            // (from the whole object: `value` may be pruned).
             (true, None) => {
-                let normalized = with_type_meta_first(&value)?;
-                let offset = type_meta_end(&normalized, &value);
+                let whole: serde_json::Value = serde_json::from_slice(&json)
+                    .map_err(|e| ObjectError(format!("invalid object JSON: {e}")))?;
+                let normalized = with_type_meta_first(&whole)?;
+                let offset = type_meta_end(&normalized, value);
                 (normalized, offset)
             }
             (_, offset) => (json, offset),
@@ -137,7 +166,7 @@ impl Object {
             namespace: metadata["namespace"].as_str().unwrap_or("").to_string(),
             name: name.to_string(),
             resource_version,
-            fields: fields(&value),
+            fields: fields(value),
             bytes: json,
             item_offset,
             encoding: Encoding::Json,

@@ -434,42 +434,101 @@ pub fn custom_resource_fields(namespaced: bool) -> &'static [&'static str] {
 /// are, anything missing the empty string.
 pub fn field_values(group: &str, resource: &str, object: &Value) -> BTreeMap<String, String> {
     let supported = supported_fields(group, resource).unwrap_or(DEFAULT_FIELDS);
-    let mut values = BTreeMap::new();
+    supported
+        .iter()
+        .map(|&field| {
+            let value = match source(group, resource, field) {
+                Source::At(path) => string_at(object, path).to_owned(),
+                Source::OwnPath => {
+                    let path: Vec<&str> = field.split('.').collect();
+                    string_at(object, &path).to_owned()
+                }
+                Source::FirstNonEmpty(paths) => first_non_empty(object, paths),
+                Source::Bool(path) => bool_at(object, path),
+                Source::Int(path) => int_at(object, path),
+                Source::Empty => String::new(),
+            };
+            (field.to_owned(), value)
+        })
+        .collect()
+}
+
+/// The paths of an object [`field_values`] reads for this resource.
+pub fn field_paths(group: &str, resource: &str) -> Vec<Vec<&'static str>> {
+    let supported = supported_fields(group, resource).unwrap_or(DEFAULT_FIELDS);
+    let mut paths = Vec::new();
     for &field in supported {
-        let value = match (group, resource, field) {
-            (_, _, "metadata.name") => string_at(object, &["metadata", "name"]).to_owned(),
-            (_, _, "metadata.namespace") => string_at(object, &["metadata", "namespace"]).to_owned(),
-            ("", "pods", "spec.host") => string_at(object, &["spec", "nodeName"]).to_owned(),
-            // DeprecatedServiceAccount stands in when serviceAccountName is empty.
-            ("", "pods", "spec.serviceAccountName") => first_non_empty(
-                object,
-                &[&["spec", "serviceAccountName"], &["spec", "serviceAccount"]],
-            ),
-            // podIP wins over podIPs[0] (Convert_v1_PodStatus_To_core_PodStatus).
-            ("", "pods", "status.podIP") => {
-                first_non_empty(object, &[&["status", "podIP"], &["status", "podIPs", "0", "ip"]])
-            }
-            // Accepted by the conversion, absent from the field set.
-            ("", "pods", "status.podIPs") => String::new(),
-            ("", "nodes", "spec.unschedulable") => bool_at(object, &["spec", "unschedulable"]),
-            ("", "replicationcontrollers", "status.replicas") => int_at(object, &["status", "replicas"]),
-            ("", "events", "source") => {
-                first_non_empty(object, &[&["source", "component"], &["reportingComponent"]])
-            }
-            ("events.k8s.io", "events", "reportingController") => {
-                string_at(object, &["reportingController"]).to_owned()
-            }
-            ("batch", "jobs", "status.successful") => int_at(object, &["status", "succeeded"]),
-            ("batch", "cronjobs", "status.successful") => String::new(),
-            // Every other field's value is at its own path.
-            _ => {
-                let path: Vec<&str> = field.split('.').collect();
-                string_at(object, &path).to_owned()
-            }
-        };
-        values.insert(field.to_owned(), value);
+        match source(group, resource, field) {
+            Source::At(path) | Source::Bool(path) | Source::Int(path) => paths.push(path.to_vec()),
+            Source::OwnPath => paths.push(field.split('.').collect()),
+            Source::FirstNonEmpty(alternatives) => paths.extend(alternatives.iter().map(|p| p.to_vec())),
+            Source::Empty => {}
+        }
     }
-    values
+    paths
+}
+
+/// Every (group, resource) with a table of its own in [`supported_fields`]
+/// (the rest of the built-in groups share [`DEFAULT_FIELDS`]).
+pub fn field_tables() -> &'static [(&'static str, &'static str)] {
+    &[
+        ("", "pods"),
+        ("", "nodes"),
+        ("", "replicationcontrollers"),
+        ("", "events"),
+        ("", "namespaces"),
+        ("", "secrets"),
+        ("certificates.k8s.io", "certificatesigningrequests"),
+        ("events.k8s.io", "events"),
+        ("batch", "jobs"),
+        ("batch", "cronjobs"),
+        ("apps", "deployments"),
+    ]
+}
+
+/// Where a selectable field's value comes from, as the API server's
+/// `GetAttrs` computes it.
+enum Source {
+    /// The string at this path.
+    At(&'static [&'static str]),
+    /// The string at the path the field names.
+    OwnPath,
+    /// The first non-empty string of these paths.
+    FirstNonEmpty(&'static [&'static [&'static str]]),
+    /// `fmt.Sprint(bool)` of the value at this path.
+    Bool(&'static [&'static str]),
+    /// `strconv.Itoa` of the integer at this path.
+    Int(&'static [&'static str]),
+    /// Always empty.
+    Empty,
+}
+
+fn source(group: &str, resource: &str, field: &str) -> Source {
+    match (group, resource, field) {
+        (_, _, "metadata.name") => Source::At(&["metadata", "name"]),
+        (_, _, "metadata.namespace") => Source::At(&["metadata", "namespace"]),
+        ("", "pods", "spec.host") => Source::At(&["spec", "nodeName"]),
+        // DeprecatedServiceAccount stands in when serviceAccountName is empty.
+        ("", "pods", "spec.serviceAccountName") => {
+            Source::FirstNonEmpty(&[&["spec", "serviceAccountName"], &["spec", "serviceAccount"]])
+        }
+        // podIP wins over podIPs[0] (Convert_v1_PodStatus_To_core_PodStatus).
+        ("", "pods", "status.podIP") => {
+            Source::FirstNonEmpty(&[&["status", "podIP"], &["status", "podIPs", "0", "ip"]])
+        }
+        // Accepted by the conversion, absent from the field set.
+        ("", "pods", "status.podIPs") => Source::Empty,
+        ("", "nodes", "spec.unschedulable") => Source::Bool(&["spec", "unschedulable"]),
+        ("", "replicationcontrollers", "status.replicas") => Source::Int(&["status", "replicas"]),
+        ("", "events", "source") => {
+            Source::FirstNonEmpty(&[&["source", "component"], &["reportingComponent"]])
+        }
+        ("events.k8s.io", "events", "reportingController") => Source::At(&["reportingController"]),
+        ("batch", "jobs", "status.successful") => Source::Int(&["status", "succeeded"]),
+        ("batch", "cronjobs", "status.successful") => Source::Empty,
+        // Every other field's value is at its own path.
+        _ => Source::OwnPath,
+    }
 }
 
 fn value_at<'a>(object: &'a Value, path: &[&str]) -> Option<&'a Value> {

@@ -21,8 +21,8 @@ pub mod field;
 pub mod label;
 
 pub use field::{
-    custom_resource_fields, escape_value, field_values, supported_fields, unescape_value, FieldOperator,
-    FieldRequirement, FieldSelector, FieldSource,
+    custom_resource_fields, escape_value, field_paths, field_tables, field_values, supported_fields,
+    unescape_value, FieldOperator, FieldRequirement, FieldSelector, FieldSource,
 };
 pub use label::{LabelSelector, LabelSource, Operator, Requirement};
 
