@@ -1,7 +1,8 @@
 //! Rendering an rv=0 LIST from the store: what every cache hit costs.
 //! 10,000 pods of about 4 KB, the end-to-end benchmark's workload, rendered
 //! whole and with a label selector that keeps a tenth of them; against the
-//! naive baseline of re-serializing every object with serde_json.
+//! naive baseline of re-serializing every object with serde_json. And
+//! caching an object: the pruned parse against the whole JSON tree.
 
 use std::hint::black_box;
 
@@ -107,5 +108,33 @@ fn render(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, render);
+/// Caching an object: what a sync costs per object. The pruned parse (what
+/// the reflector does) against building the whole object's JSON tree.
+fn parse(c: &mut Criterion) {
+    let spec = spec();
+    let raw: Vec<Bytes> = (0..1000).map(pod).collect();
+    let total: usize = raw.iter().map(Bytes::len).sum();
+    let mut group = c.benchmark_group("cache_1k_pods");
+    group.throughput(Throughput::Bytes(total as u64));
+    group.sample_size(20);
+    group.bench_function("pruned", |b| {
+        b.iter(|| {
+            for json in &raw {
+                black_box(spec.object(json.clone()).expect("pod"));
+            }
+        })
+    });
+    group.bench_function("whole_tree", |b| {
+        b.iter(|| {
+            for json in &raw {
+                let object =
+                    kache_cache::store::Object::from_json(json.clone(), true, |v| spec.field_values(v));
+                black_box(object.expect("pod"));
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, render, parse);
 criterion_main!(benches);
