@@ -13,6 +13,9 @@ use kache_tests::{cluster, metric, write_json, Kache, TestNamespace};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+/// What a watcher saw: ("TYPE name", resourceVersion), in order.
+type Events = Vec<(String, String)>;
+
 const WATCHERS: usize = 1000;
 const CONFIGMAPS: usize = 20;
 const CHANGES: usize = 100;
@@ -50,8 +53,7 @@ async fn a_thousand_watchers_each_get_every_event_in_order() {
         "{}{collection}?watch=true&resourceVersion={from}&timeoutSeconds=600",
         kache.url()
     );
-    let seen: Arc<Vec<Mutex<Vec<(String, String)>>>> =
-        Arc::new((0..WATCHERS).map(|_| Mutex::new(Vec::new())).collect());
+    let seen: Arc<Vec<Mutex<Events>>> = Arc::new((0..WATCHERS).map(|_| Mutex::new(Vec::new())).collect());
     let mut tasks = Vec::new();
     for i in 0..WATCHERS {
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
