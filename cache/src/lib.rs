@@ -26,6 +26,7 @@
 
 pub mod discovery;
 pub mod list;
+pub mod list_stream;
 pub mod prune;
 pub mod protobuf;
 pub mod rbac;

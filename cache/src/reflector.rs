@@ -279,11 +279,10 @@ struct ListMeta {
     resource_version: String,
 }
 
+/// A list's `metadata` (its items are read apart).
 #[derive(Deserialize)]
-struct RawList<'a> {
+struct ListHead {
     metadata: ListMeta,
-    #[serde(borrow, default)]
-    items: Vec<&'a RawValue>,
 }
 
 /// Why a LIST gave no objects.
@@ -313,8 +312,12 @@ async fn list(
         .body(())
         .map_err(|e| FetchError(e.to_string()))?;
     let mut progress = ListProgress::new(spec, encoding);
+    let mut reading = ListReading::new(spec, encoding);
     let response = client
-        .fetch_observed(request, &mut |chunk| progress.received(chunk))
+        .fetch_each(request, &mut |chunk| {
+            progress.received(&chunk);
+            reading.feed(chunk)
+        })
         .await?;
     progress.finished();
     if is_refusal(response.status()) {
@@ -327,42 +330,111 @@ async fn list(
             response.status()
         ))));
     }
-    Ok(match encoding {
-        Encoding::Json => json_list(spec, response.body()),
-        Encoding::Protobuf => protobuf_list(spec, response.body()),
-    }?)
+    Ok(reading.finish()?)
 }
 
-pub(crate) fn json_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>, u64), FetchError> {
-    let list: RawList<'_> = serde_json::from_slice(body)
-        .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
-    let resource_version = parse_resource_version(&list.metadata.resource_version)
-        .ok_or_else(|| FetchError(format!("LIST {}: no resourceVersion", spec.collection_path())))?;
-    let type_meta = format!(
+/// A LIST's body as it arrives. JSON: each item becomes an object as soon
+/// as it is complete (see [`crate::list_stream`]), so the body is never
+/// held whole. Protobuf: the chunks, for [`protobuf_list`] at the end.
+enum ListReading<'a> {
+    Json {
+        spec: &'a ResourceSpec,
+        splitter: crate::list_stream::JsonListSplitter,
+        type_meta: String,
+        objects: Vec<Object>,
+    },
+    Protobuf {
+        spec: &'a ResourceSpec,
+        chunks: Vec<Bytes>,
+    },
+}
+
+impl<'a> ListReading<'a> {
+    fn new(spec: &'a ResourceSpec, encoding: Encoding) -> ListReading<'a> {
+        match encoding {
+            Encoding::Json => ListReading::Json {
+                spec,
+                splitter: crate::list_stream::JsonListSplitter::new(),
+                type_meta: type_meta(spec),
+                objects: Vec::new(),
+            },
+            Encoding::Protobuf => ListReading::Protobuf {
+                spec,
+                chunks: Vec::new(),
+            },
+        }
+    }
+
+    fn feed(&mut self, chunk: Bytes) -> Result<(), FetchError> {
+        match self {
+            ListReading::Json {
+                spec,
+                splitter,
+                type_meta,
+                objects,
+            } => splitter.feed(&chunk, |item| {
+                let object = spec
+                    .object(with_type_meta(type_meta, item))
+                    .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
+                objects.push(object);
+                Ok(())
+            }),
+            ListReading::Protobuf { chunks, .. } => {
+                chunks.push(chunk);
+                Ok(())
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(Vec<Object>, u64), FetchError> {
+        match self {
+            ListReading::Json {
+                spec,
+                splitter,
+                objects,
+                ..
+            } => {
+                let rest: ListHead = serde_json::from_slice(splitter.rest())
+                    .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
+                let resource_version =
+                    parse_resource_version(&rest.metadata.resource_version).ok_or_else(|| {
+                        FetchError(format!("LIST {}: no resourceVersion", spec.collection_path()))
+                    })?;
+                Ok((objects, resource_version))
+            }
+            ListReading::Protobuf { spec, chunks } => protobuf_list(spec, &chunks.concat()),
+        }
+    }
+}
+
+/// `{"kind":…,"apiVersion":…,` of the resource's objects.
+fn type_meta(spec: &ResourceSpec) -> String {
+    format!(
         "{{\"kind\":{},\"apiVersion\":{},",
         serde_json::Value::from(spec.kind.as_str()),
         serde_json::Value::from(spec.api_version())
-    );
-    let objects = list
-        .items
-        .iter()
-        .map(|item| {
-            let item = item.get().as_bytes();
-            // Built-in types' list items come without type meta: add it back,
-            // so the stored object is the one a watch event or GET carries.
-            let json = if !item.starts_with(b"{\"kind\":") && item.len() > 2 {
-                let mut json = Vec::with_capacity(type_meta.len() + item.len());
-                json.extend_from_slice(type_meta.as_bytes());
-                json.extend_from_slice(&item[1..]);
-                Bytes::from(json)
-            } else {
-                Bytes::copy_from_slice(item)
-            };
-            spec.object(json)
-                .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((objects, resource_version))
+    )
+}
+
+/// A list item as a watch event or GET carries the object: built-in types'
+/// list items come without type meta, which is put back.
+fn with_type_meta(type_meta: &str, item: Bytes) -> Bytes {
+    if !item.starts_with(b"{\"kind\":") && item.len() > 2 {
+        let mut json = Vec::with_capacity(type_meta.len() + item.len());
+        json.extend_from_slice(type_meta.as_bytes());
+        json.extend_from_slice(&item[1..]);
+        Bytes::from(json)
+    } else {
+        item
+    }
+}
+
+/// A whole JSON list body (tests: the reflector reads lists as they stream).
+#[cfg(test)]
+pub(crate) fn json_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>, u64), FetchError> {
+    let mut reading = ListReading::new(spec, Encoding::Json);
+    reading.feed(Bytes::copy_from_slice(body))?;
+    reading.finish()
 }
 
 /// A protobuf list: each item is the object's own message, copied out so a
@@ -1095,18 +1167,17 @@ mod tests {
             Box::pin(async move { Ok(Response::new(body)) })
         }
 
-        fn fetch_observed<'a>(
+        fn fetch_each<'a>(
             &'a self,
             _: Request<()>,
-            observe: &'a mut (dyn FnMut(&[u8]) + Send),
-        ) -> BoxFuture<'a, Result<Response<Bytes>, FetchError>> {
+            consume: &'a mut (dyn FnMut(Bytes) -> Result<(), FetchError> + Send),
+        ) -> BoxFuture<'a, Result<Response<()>, FetchError>> {
             Box::pin(async move {
-                let chunks = self.chunks();
-                for chunk in &chunks {
+                for chunk in self.chunks() {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    observe(chunk.as_bytes());
+                    consume(Bytes::from(chunk))?;
                 }
-                Ok(Response::new(Bytes::from(chunks.concat())))
+                Ok(Response::new(()))
             })
         }
 

@@ -25,18 +25,24 @@ pub trait ApiClient: Send + Sync + 'static {
     /// whole response.
     fn fetch(&self, request: http::Request<()>) -> BoxFuture<'_, Result<http::Response<Bytes>, FetchError>>;
 
-    /// [`ApiClient::fetch`], showing the body to `observe` chunk by chunk as
-    /// it arrives (a long LIST's progress). By default the whole body at
-    /// once, when it is complete.
-    fn fetch_observed<'a>(
+    /// Sends `request` and hands its body to `consume` chunk by chunk as it
+    /// arrives, keeping none of it (a large LIST, read as it streams);
+    /// returns the response head. No deadline on the whole body, only on
+    /// its silences (the API server bounds the request itself). By default
+    /// [`ApiClient::fetch`]'s whole body in one chunk.
+    ///
+    /// # Errors
+    /// The request failed, the body broke off or stalled, or `consume` said
+    /// stop.
+    fn fetch_each<'a>(
         &'a self,
         request: http::Request<()>,
-        observe: &'a mut (dyn FnMut(&[u8]) + Send),
-    ) -> BoxFuture<'a, Result<http::Response<Bytes>, FetchError>> {
+        consume: &'a mut (dyn FnMut(Bytes) -> Result<(), FetchError> + Send),
+    ) -> BoxFuture<'a, Result<http::Response<()>, FetchError>> {
         Box::pin(async move {
-            let response = self.fetch(request).await?;
-            observe(response.body());
-            Ok(response)
+            let (parts, body) = self.fetch(request).await?.into_parts();
+            consume(body)?;
+            Ok(http::Response::from_parts(parts, ()))
         })
     }
 

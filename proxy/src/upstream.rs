@@ -225,14 +225,6 @@ impl Upstream {
 /// The caches' view of the upstream: whole responses for discovery, streams for watches.
 impl kache_cache::upstream::ApiClient for Upstream {
     fn fetch(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
-        Box::pin(async move { self.fetch_observed(request, &mut |_: &[u8]| {}).await })
-    }
-
-    fn fetch_observed<'a>(
-        &'a self,
-        request: Request<()>,
-        observe: &'a mut (dyn FnMut(&[u8]) + Send),
-    ) -> BoxFuture<'a, Result<Response<Bytes>, FetchError>> {
         Box::pin(async move {
             let response = self
                 .send(request.map(|()| crate::body::empty()), Exchange::Short)
@@ -244,7 +236,6 @@ impl kache_cache::upstream::ApiClient for Upstream {
                 while let Some(frame) = body.frame().await {
                     let frame = frame.map_err(|e| FetchError(format!("reading the response: {e}")))?;
                     if let Ok(data) = frame.into_data() {
-                        observe(&data);
                         chunks.push(data);
                     }
                 }
@@ -258,6 +249,36 @@ impl kache_cache::upstream::ApiClient for Upstream {
                 .await
                 .map_err(|_| FetchError(format!("response body not complete within {:?}", self.timeout)))??;
             Ok(Response::from_parts(parts, bytes))
+        })
+    }
+
+    fn fetch_each<'a>(
+        &'a self,
+        request: Request<()>,
+        consume: &'a mut (dyn FnMut(Bytes) -> Result<(), FetchError> + Send),
+    ) -> BoxFuture<'a, Result<Response<()>, FetchError>> {
+        Box::pin(async move {
+            // The head within the usual timeout; then the body for as long as
+            // it keeps coming (the API server ends a LIST at its own timeout).
+            let response = tokio::time::timeout(
+                self.timeout,
+                self.send(request.map(|()| crate::body::empty()), Exchange::LongRunning),
+            )
+            .await
+            .map_err(|_| FetchError(format!("no response within {:?}", self.timeout)))?
+            .map_err(|e| FetchError(e.to_string()))?;
+            let (parts, mut body) = response.into_parts();
+            loop {
+                let frame = tokio::time::timeout(self.timeout, body.frame())
+                    .await
+                    .map_err(|_| FetchError(format!("the response stalled for {:?}", self.timeout)))?;
+                let Some(frame) = frame else { break };
+                let frame = frame.map_err(|e| FetchError(format!("reading the response: {e}")))?;
+                if let Ok(data) = frame.into_data() {
+                    consume(data)?;
+                }
+            }
+            Ok(Response::from_parts(parts, ()))
         })
     }
 
