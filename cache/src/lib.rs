@@ -27,8 +27,8 @@
 pub mod discovery;
 pub mod list;
 pub mod list_stream;
-pub mod prune;
 pub mod protobuf;
+pub mod prune;
 pub mod rbac;
 pub mod reads;
 pub mod reflector;
