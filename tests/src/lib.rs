@@ -1944,6 +1944,113 @@ impl OwnCluster {
     }
 }
 
+// ------------------------------------------------------ custom resources ----
+
+/// A GET whose answer is JSON, within `timeout`.
+///
+/// # Panics
+/// No answer in time, or an error status.
+pub async fn get_json(client: &kube::Client, path: &str, timeout: Duration) -> Value {
+    let request = http::Request::get(path).body(Vec::new()).unwrap();
+    tokio::time::timeout(timeout, client.request::<Value>(request))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path}: no answer within {timeout:?}"))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// A namespaced CRD `gadgets.<unique group>` (kind `Gadget`, any fields) of
+/// a test's own, deleted on drop.
+pub struct Gadgets {
+    pub group: String,
+    pub name: String,
+}
+
+/// How long a CRD may take to become established or discovered.
+const CRD_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Gadgets {
+    /// Creates the CRD (its group named after `prefix`) and waits until it is established.
+    pub async fn create(direct: &kube::Client, prefix: &str) -> Gadgets {
+        let group = format!("{}.example.com", unique_name(prefix));
+        let name = format!("gadgets.{group}");
+        let body = serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": name},
+            "spec": {
+                "group": group,
+                "scope": "Namespaced",
+                "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget", "listKind": "GadgetList"},
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                }],
+            },
+        });
+        let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+        write_json(direct, "POST", crds, Some(&body)).await;
+        let crd = Gadgets { group, name };
+        let deadline = Instant::now() + CRD_TIMEOUT;
+        loop {
+            let got = get_json(direct, &format!("{crds}/{}", crd.name), CRD_TIMEOUT).await;
+            let established = got["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+            });
+            if established {
+                return crd;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CRD {} never became established",
+                crd.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn collection(&self, namespace: &str) -> String {
+        format!("/apis/{}/v1/namespaces/{namespace}/gadgets", self.group)
+    }
+
+    /// The resource's label in kache's metrics.
+    pub fn metric(&self) -> String {
+        format!("{}/v1/gadgets", self.group)
+    }
+
+    /// Waits until kache's discovery serves the group version (else kache
+    /// would forward the resource as unknown for a while).
+    pub async fn until_discovered(&self, via: &kube::Client) {
+        let path = format!("/apis/{}/v1", self.group);
+        let deadline = Instant::now() + CRD_TIMEOUT;
+        loop {
+            let request = http::Request::get(&path).body(Vec::new()).unwrap();
+            if let Ok(Ok(list)) = tokio::time::timeout(CRD_TIMEOUT, via.request::<Value>(request)).await {
+                if list["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|r| r["name"] == "gadgets"))
+                {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "kache's discovery never served {path}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Gadgets {
+    fn drop(&mut self) {
+        let out = kubectl(
+            &cluster().admin_kubeconfig,
+            &["delete", "crd", &self.name, "--wait=false", "--ignore-not-found"],
+        );
+        if !out.success() {
+            eprintln!("cleanup: deleting CRD {} failed: {}", self.name, out.stderr);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

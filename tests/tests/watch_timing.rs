@@ -29,9 +29,7 @@ use std::time::Duration;
 
 use http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
 use http_body_util::BodyExt;
-use kache_tests::{
-    cluster, kubectl, metric, unique_name, write_json, AuditFilter, AuditMark, Kache, TestNamespace,
-};
+use kache_tests::{cluster, metric, write_json, AuditFilter, AuditMark, Gadgets, Kache, TestNamespace};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -132,11 +130,7 @@ async fn direct_client(kubeconfig: &Path) -> kube::Client {
 }
 
 async fn get_json(client: &kube::Client, path: &str) -> Value {
-    let request = http::Request::get(path).body(Vec::new()).unwrap();
-    tokio::time::timeout(CONVERGE, client.request::<Value>(request))
-        .await
-        .unwrap_or_else(|_| panic!("GET {path}: no answer within {CONVERGE:?}"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    kache_tests::get_json(client, path, CONVERGE).await
 }
 
 fn rv_of(v: &Value) -> u64 {
@@ -261,96 +255,9 @@ async fn watch_both(
 
 // ----------------------------------------------------------------- CRD ----
 
-/// A namespaced CRD `gadgets.<unique group>` of this file's own, deleted on drop.
-struct Crd {
-    group: String,
-    name: String,
-}
-
-impl Crd {
-    async fn create(direct: &kube::Client) -> Crd {
-        let group = format!("{}.example.com", unique_name("watch-timing"));
-        let name = format!("gadgets.{group}");
-        let body = json!({
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": name},
-            "spec": {
-                "group": group,
-                "scope": "Namespaced",
-                "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget", "listKind": "GadgetList"},
-                "versions": [{
-                    "name": "v1", "served": true, "storage": true,
-                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
-                }],
-            },
-        });
-        let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
-        write_json(direct, "POST", crds, Some(&body)).await;
-        let crd = Crd { group, name };
-        let deadline = Instant::now() + CONVERGE;
-        loop {
-            let got = get_json(direct, &format!("{crds}/{}", crd.name)).await;
-            let established = got["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Established" && c["status"] == "True")
-            });
-            if established {
-                return crd;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CRD {} never became established",
-                crd.name
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn collection(&self, namespace: &str) -> String {
-        format!("/apis/{}/v1/namespaces/{namespace}/gadgets", self.group)
-    }
-
-    /// The resource's label in kache's metrics.
-    fn metric(&self) -> String {
-        format!("{}/v1/gadgets", self.group)
-    }
-
-    fn gadget(&self, name: &str) -> Value {
-        json!({"apiVersion": format!("{}/v1", self.group), "kind": "Gadget", "metadata": {"name": name}})
-    }
-
-    /// Waits until kache's discovery serves the group version (else kache
-    /// would forward the resource as unknown for a while).
-    async fn until_discovered(&self, via: &kube::Client) {
-        let path = format!("/apis/{}/v1", self.group);
-        let deadline = Instant::now() + CONVERGE;
-        loop {
-            let request = http::Request::get(&path).body(Vec::new()).unwrap();
-            if let Ok(Ok(list)) = tokio::time::timeout(CONVERGE, via.request::<Value>(request)).await {
-                if list["resources"]
-                    .as_array()
-                    .is_some_and(|rs| rs.iter().any(|r| r["name"] == "gadgets"))
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "kache's discovery never served {path}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for Crd {
-    fn drop(&mut self) {
-        let out = kubectl(
-            &cluster().admin_kubeconfig,
-            &["delete", "crd", &self.name, "--wait=false", "--ignore-not-found"],
-        );
-        if !out.success() {
-            eprintln!("cleanup: deleting CRD {} failed: {}", self.name, out.stderr);
-        }
-    }
+/// A gadget object of the test's CRD.
+fn gadget(crd: &Gadgets, name: &str) -> Value {
+    json!({"apiVersion": format!("{}/v1", crd.group), "kind": "Gadget", "metadata": {"name": name}})
 }
 
 // --------------------------------------------------------------- tests ----
@@ -360,12 +267,12 @@ async fn a_timed_out_watch_gets_a_bookmark_before_its_clean_end_only_if_the_reso
     let c = cluster();
     let ns = TestNamespace::create("watch-timing");
     let sides = Sides::start().await;
-    let crd = Crd::create(&sides.direct).await;
+    let crd = Gadgets::create(&sides.direct, "watch-timing").await;
     crd.until_discovered(&sides.via).await;
     let collection = crd.collection(ns.name());
     // A first object, so that the API server's cache of the CRD has handled
     // an event (v1.20 sends no bookmark at all before its first one).
-    write_json(&sides.direct, "POST", &collection, Some(&crd.gadget("first"))).await;
+    write_json(&sides.direct, "POST", &collection, Some(&gadget(&crd, "first"))).await;
     let (via_rv, direct_rv) = sides
         .until_both_list(&collection, &crd.metric(), &["first"])
         .await;
@@ -389,7 +296,7 @@ async fn a_timed_out_watch_gets_a_bookmark_before_its_clean_end_only_if_the_reso
     // A change after the watches started: its event, then a bookmark at a
     // version no older than it before the end, on both sides.
     let (via, direct) = watch_both(&sides, &path(via_rv, 12), &path(direct_rv, 12), async {
-        write_json(&sides.direct, "POST", &collection, Some(&crd.gadget("second"))).await;
+        write_json(&sides.direct, "POST", &collection, Some(&gadget(&crd, "second"))).await;
     })
     .await;
     for (side, watched) in [("via kache", &via), ("direct", &direct)] {
@@ -464,10 +371,10 @@ async fn watches_from_versions_too_old_or_too_new_are_answered_as_the_api_server
     let sides = Sides::start().await;
     // A CRD of its own: the API server's cache of it starts at the version
     // the CRD was established at, so older versions are gone for sure.
-    let crd = Crd::create(&sides.direct).await;
+    let crd = Gadgets::create(&sides.direct, "watch-timing").await;
     crd.until_discovered(&sides.via).await;
     let collection = crd.collection(ns.name());
-    write_json(&sides.direct, "POST", &collection, Some(&crd.gadget("one"))).await;
+    write_json(&sides.direct, "POST", &collection, Some(&gadget(&crd, "one"))).await;
     let (_, current) = sides.until_both_list(&collection, &crd.metric(), &["one"]).await;
     let mark = c.audit().mark();
 

@@ -32,7 +32,7 @@ use futures::StreamExt;
 use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kache_tests::{cluster, kubectl, metric, unique_name, write_json, AuditMark, Kache, TestNamespace};
+use kache_tests::{cluster, metric, write_json, AuditMark, Gadgets, Kache, TestNamespace};
 use kube::api::Api;
 use kube::client::Body;
 use kube::runtime::watcher;
@@ -72,11 +72,7 @@ fn client_via(kache: &Kache, who: &str) -> (kube::Client, String) {
 }
 
 async fn get_json(client: &kube::Client, path: &str) -> Value {
-    let request = http::Request::get(path).body(Vec::new()).unwrap();
-    tokio::time::timeout(CONVERGE, client.request::<Value>(request))
-        .await
-        .unwrap_or_else(|_| panic!("GET {path}: no answer within {CONVERGE:?}"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    kache_tests::get_json(client, path, CONVERGE).await
 }
 
 fn rv_of(v: &Value) -> u64 {
@@ -373,99 +369,12 @@ fn protobuf_event(frame: &[u8]) -> Event {
 
 // ----------------------------------------------------------------- CRD ----
 
-/// A namespaced CRD `gadgets.<unique group>` of this file's own, deleted on drop.
-struct Crd {
-    group: String,
-    name: String,
-}
-
-impl Crd {
-    async fn create(direct: &kube::Client) -> Crd {
-        let group = format!("{}.example.com", unique_name("watchlist"));
-        let name = format!("gadgets.{group}");
-        let body = json!({
-            "apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition",
-            "metadata": {"name": name},
-            "spec": {
-                "group": group,
-                "scope": "Namespaced",
-                "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget", "listKind": "GadgetList"},
-                "versions": [{
-                    "name": "v1", "served": true, "storage": true,
-                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
-                }],
-            },
-        });
-        let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
-        write_json(direct, "POST", crds, Some(&body)).await;
-        let crd = Crd { group, name };
-        let deadline = Instant::now() + CONVERGE;
-        loop {
-            let got = get_json(direct, &format!("{crds}/{}", crd.name)).await;
-            let established = got["status"]["conditions"].as_array().is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c["type"] == "Established" && c["status"] == "True")
-            });
-            if established {
-                return crd;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "CRD {} never became established",
-                crd.name
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn collection(&self, namespace: &str) -> String {
-        format!("/apis/{}/v1/namespaces/{namespace}/gadgets", self.group)
-    }
-
-    /// The resource's label in kache's metrics.
-    fn metric(&self) -> String {
-        format!("{}/v1/gadgets", self.group)
-    }
-
-    fn gadget(&self, name: &str, tier: &str) -> Value {
-        json!({
-            "apiVersion": format!("{}/v1", self.group), "kind": "Gadget",
-            "metadata": {"name": name, "labels": {"tier": tier}},
-        })
-    }
-
-    /// Waits until kache's discovery serves the group version (else kache
-    /// would forward the resource as unknown for a while).
-    async fn until_discovered(&self, via: &kube::Client) {
-        let path = format!("/apis/{}/v1", self.group);
-        let deadline = Instant::now() + CONVERGE;
-        loop {
-            let request = http::Request::get(&path).body(Vec::new()).unwrap();
-            if let Ok(Ok(list)) = tokio::time::timeout(CONVERGE, via.request::<Value>(request)).await {
-                if list["resources"]
-                    .as_array()
-                    .is_some_and(|rs| rs.iter().any(|r| r["name"] == "gadgets"))
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "kache's discovery never served {path}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-impl Drop for Crd {
-    fn drop(&mut self) {
-        let out = kubectl(
-            &cluster().admin_kubeconfig,
-            &["delete", "crd", &self.name, "--wait=false", "--ignore-not-found"],
-        );
-        if !out.success() {
-            eprintln!("cleanup: deleting CRD {} failed: {}", self.name, out.stderr);
-        }
-    }
+/// A gadget object of the test's CRD.
+fn gadget(crd: &Gadgets, name: &str, tier: &str) -> Value {
+    json!({
+        "apiVersion": format!("{}/v1", crd.group), "kind": "Gadget",
+        "metadata": {"name": name, "labels": {"tier": tier}},
+    })
 }
 
 /// The next event of a kube-runtime watcher; an error fails the test.
@@ -487,7 +396,7 @@ async fn a_client_go_watch_list_syncs_from_memory_without_listing_then_follows_c
     let c = cluster();
     let ns = TestNamespace::create("watchlist");
     let direct = direct_client(&c.admin_kubeconfig).await;
-    let crd = Crd::create(&direct).await;
+    let crd = Gadgets::create(&direct, "watchlist").await;
     let collection = crd.collection(ns.name());
     for i in 0..20 {
         let tier = if i % 2 == 0 { "web" } else { "db" };
@@ -495,7 +404,7 @@ async fn a_client_go_watch_list_syncs_from_memory_without_listing_then_follows_c
             &direct,
             "POST",
             &collection,
-            Some(&crd.gadget(&format!("g{i}"), tier)),
+            Some(&gadget(&crd, &format!("g{i}"), tier)),
         )
         .await;
     }
@@ -518,7 +427,7 @@ async fn a_client_go_watch_list_syncs_from_memory_without_listing_then_follows_c
     // moves etcd's revision past the gadgets' own version, which a v1.20
     // API server never moves on: the store cannot reach the API server's
     // current version, and is served once its watch has had its chance.
-    write_json(&direct, "POST", &collection, Some(&crd.gadget("late", "web"))).await;
+    write_json(&direct, "POST", &collection, Some(&gadget(&crd, "late", "web"))).await;
     let elsewhere = format!("/api/v1/namespaces/{}/configmaps", ns.name());
     write_json(
         &direct,
