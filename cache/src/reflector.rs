@@ -333,9 +333,10 @@ async fn list(
     Ok(reading.finish()?)
 }
 
-/// A LIST's body as it arrives. JSON: each item becomes an object as soon
-/// as it is complete (see [`crate::list_stream`]), so the body is never
-/// held whole. Protobuf: the chunks, for [`protobuf_list`] at the end.
+/// A LIST's body as it arrives: each item becomes an object as soon as it
+/// is complete (see [`crate::list_stream`]), so the body is never held
+/// whole. A body that is not a list (an error `Status`) is only reported by
+/// [`ListReading::finish`], after the caller has looked at the status code.
 enum ListReading<'a> {
     Json {
         spec: &'a ResourceSpec,
@@ -345,7 +346,9 @@ enum ListReading<'a> {
     },
     Protobuf {
         spec: &'a ResourceSpec,
-        chunks: Vec<Bytes>,
+        splitter: crate::list_stream::ProtobufListSplitter,
+        objects: Vec<Object>,
+        broken: Option<FetchError>,
     },
 }
 
@@ -360,7 +363,9 @@ impl<'a> ListReading<'a> {
             },
             Encoding::Protobuf => ListReading::Protobuf {
                 spec,
-                chunks: Vec::new(),
+                splitter: crate::list_stream::ProtobufListSplitter::new(),
+                objects: Vec::new(),
+                broken: None,
             },
         }
     }
@@ -379,8 +384,27 @@ impl<'a> ListReading<'a> {
                 objects.push(object);
                 Ok(())
             }),
-            ListReading::Protobuf { chunks, .. } => {
-                chunks.push(chunk);
+            ListReading::Protobuf {
+                spec,
+                splitter,
+                objects,
+                broken,
+            } => {
+                if broken.is_some() {
+                    return Ok(());
+                }
+                let read = splitter.feed(&chunk, |item| {
+                    // Copied out, so a long-lived object does not keep the
+                    // chunk it arrived in alive.
+                    let object = spec
+                        .protobuf_object(Bytes::copy_from_slice(&item))
+                        .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
+                    objects.push(object);
+                    Ok::<(), FetchError>(())
+                });
+                if let Err(error) = read {
+                    *broken = Some(error);
+                }
                 Ok(())
             }
         }
@@ -402,7 +426,25 @@ impl<'a> ListReading<'a> {
                     })?;
                 Ok((objects, resource_version))
             }
-            ListReading::Protobuf { spec, chunks } => protobuf_list(spec, &chunks.concat()),
+            ListReading::Protobuf {
+                spec,
+                splitter,
+                objects,
+                broken,
+            } => {
+                let failed =
+                    |e: &dyn std::fmt::Display| FetchError(format!("LIST {}: {e}", spec.collection_path()));
+                if let Some(error) = broken {
+                    return Err(error);
+                }
+                let meta = splitter.finish().map_err(|e| failed(&e))?;
+                let mut list = Vec::with_capacity(meta.len() + 8);
+                crate::protobuf::put_field(&mut list, 1, &meta);
+                let (resource_version, _) = crate::protobuf::list_items(&list).map_err(|e| failed(&e))?;
+                let resource_version =
+                    parse_resource_version(&resource_version).ok_or_else(|| failed(&"no resourceVersion"))?;
+                Ok((objects, resource_version))
+            }
         }
     }
 }
@@ -437,22 +479,12 @@ pub(crate) fn json_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>
     reading.finish()
 }
 
-/// A protobuf list: each item is the object's own message, copied out so a
-/// long-lived object does not keep the whole list's buffer alive.
+/// A whole protobuf list body (tests: the reflector reads lists as they stream).
+#[cfg(test)]
 pub(crate) fn protobuf_list(spec: &ResourceSpec, body: &[u8]) -> Result<(Vec<Object>, u64), FetchError> {
-    let failed = |e: &dyn std::fmt::Display| FetchError(format!("LIST {}: {e}", spec.collection_path()));
-    let list = crate::protobuf::unwrap(body).map_err(|e| failed(&e))?;
-    let (resource_version, items) = crate::protobuf::list_items(list.raw).map_err(|e| failed(&e))?;
-    let resource_version =
-        parse_resource_version(&resource_version).ok_or_else(|| failed(&"no resourceVersion"))?;
-    let objects = items
-        .into_iter()
-        .map(|item| {
-            spec.protobuf_object(Bytes::copy_from_slice(item))
-                .map_err(|e| failed(&e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((objects, resource_version))
+    let mut reading = ListReading::new(spec, Encoding::Protobuf);
+    reading.feed(Bytes::copy_from_slice(body))?;
+    reading.finish()
 }
 
 #[derive(Deserialize)]
