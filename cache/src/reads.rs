@@ -175,15 +175,12 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         return Err(Bypass::Subresource);
     }
     let read = &info.read;
-    // `sendInitialEvents` is a `*bool`: absent, or its first value as the
-    // API server's query booleans read (anything but `0` and `false`).
-    let mut send_initial_events = None;
-    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    // A `*bool`: absent, or its first value as the API server's query
+    // booleans read (anything but `0` and `false`).
+    let send_initial_events = read.send_initial_events;
+    for (key, _) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if !KNOWN_PARAMETERS.contains(&key.as_ref()) {
             return Err(Bypass::Parameters);
-        }
-        if key == "sendInitialEvents" && send_initial_events.is_none() {
-            send_initial_events = Some(!(value == "0" || value.eq_ignore_ascii_case("false")));
         }
     }
     let accept = negotiated(headers, info.verb() == Verb::Watch);

@@ -88,7 +88,8 @@ pub struct ReadOptions {
     pub field_selector: Option<String>,
     pub timeout_seconds: Option<String>,
     pub allow_watch_bookmarks: bool,
-    pub send_initial_events: bool,
+    /// A `*bool` in the API server's options: absent (`None`) is not `false`.
+    pub send_initial_events: Option<bool>,
 }
 
 /// What a request is, in the API server's terms.
@@ -284,7 +285,7 @@ impl ReadOptions {
             match key.as_ref() {
                 "watch" => options.watch = query_bool(&value),
                 "allowWatchBookmarks" => options.allow_watch_bookmarks = query_bool(&value),
-                "sendInitialEvents" => options.send_initial_events = query_bool(&value),
+                "sendInitialEvents" => options.send_initial_events = Some(query_bool(&value)),
                 "resourceVersion" => options.resource_version = Some(value),
                 "resourceVersionMatch" => options.resource_version_match = Some(value),
                 "limit" => options.limit = Some(value),
