@@ -111,8 +111,25 @@ impl ResourceSpec {
     /// # Errors
     /// The JSON is not an object with a name and resourceVersion.
     pub fn object(&self, json: Bytes) -> Result<Object, crate::store::ObjectError> {
-        let paths = crate::prune::Paths::for_resource(&self.group, &self.resource, self.custom);
-        Object::from_json_pruned(json, !self.custom, &paths, |value| self.field_values(value))
+        self.object_with(json, &self.paths())
+    }
+
+    /// What [`ResourceSpec::object`] reads of this resource's objects (look
+    /// it up once for many objects).
+    pub fn paths(&self) -> std::sync::Arc<crate::prune::Paths> {
+        crate::prune::Paths::for_resource(&self.group, &self.resource, self.custom)
+    }
+
+    /// [`ResourceSpec::object`] with the resource's [`ResourceSpec::paths`] at hand.
+    ///
+    /// # Errors
+    /// As [`ResourceSpec::object`].
+    pub fn object_with(
+        &self,
+        json: Bytes,
+        paths: &crate::prune::Paths,
+    ) -> Result<Object, crate::store::ObjectError> {
+        Object::from_json_pruned(json, !self.custom, paths, |value| self.field_values(value))
     }
 
     /// Whether the cache may keep this resource in protobuf: a built-in type
@@ -342,6 +359,7 @@ enum ListReading<'a> {
         spec: &'a ResourceSpec,
         splitter: crate::list_stream::JsonListSplitter,
         type_meta: String,
+        paths: std::sync::Arc<crate::prune::Paths>,
         objects: Vec<Object>,
     },
     Protobuf {
@@ -359,6 +377,7 @@ impl<'a> ListReading<'a> {
                 spec,
                 splitter: crate::list_stream::JsonListSplitter::new(),
                 type_meta: type_meta(spec),
+                paths: spec.paths(),
                 objects: Vec::new(),
             },
             Encoding::Protobuf => ListReading::Protobuf {
@@ -376,10 +395,11 @@ impl<'a> ListReading<'a> {
                 spec,
                 splitter,
                 type_meta,
+                paths,
                 objects,
             } => splitter.feed(&chunk, |item| {
                 let object = spec
-                    .object(with_type_meta(type_meta, item))
+                    .object_with(with_type_meta(type_meta, item), paths)
                     .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
                 objects.push(object);
                 Ok(())

@@ -1188,11 +1188,12 @@ impl Cache {
         if resource_version == 0 {
             return Err("no resourceVersion".into());
         }
+        let paths = spec.paths();
         let objects = read
             .objects
             .into_iter()
             .map(|bytes| match key.encoding {
-                Encoding::Json => spec.object(bytes),
+                Encoding::Json => spec.object_with(bytes, &paths),
                 Encoding::Protobuf => spec.protobuf_object(bytes),
             })
             .collect::<Result<Vec<_>, _>>()
