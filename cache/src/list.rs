@@ -66,8 +66,8 @@ impl ListBody {
             .iter()
             .enumerate()
             .map(|(i, o)| {
-                let (brace, bytes) = o.item_parts();
-                usize::from(i > 0) + usize::from(brace) + bytes.len()
+                let (brace, len) = o.item_shape();
+                usize::from(i > 0) + usize::from(brace) + len
             })
             .sum();
         ListBody {
@@ -213,7 +213,7 @@ impl Iterator for Chunks {
                 Position::Item { index, object: false } => {
                     let separator = match self.body.encoding {
                         Encoding::Json => {
-                            let (brace, _) = self.body.objects[index].item_parts();
+                            let (brace, _) = self.body.objects[index].item_shape();
                             Bytes::from_static(match (index > 0, brace) {
                                 (false, false) => b"",
                                 (false, true) => b"{",

@@ -239,6 +239,15 @@ impl Object {
         }
     }
 
+    /// The shape of [`Object::item_parts`] without taking the bytes: whether
+    /// a `{` precedes, and how many bytes follow.
+    pub fn item_shape(&self) -> (bool, usize) {
+        match self.item_offset {
+            Some(offset) => (true, self.bytes.len() - offset),
+            None => (false, self.bytes.len()),
+        }
+    }
+
     /// Bytes held for this object (for the memory budget): its bytes and
     /// strings, and the bookkeeping around them that weighs as much as the
     /// object itself for small objects — the `Object` and its `Arc`, the
