@@ -1944,6 +1944,22 @@ impl OwnCluster {
     }
 }
 
+// ------------------------------------------------------------ watch lines ----
+
+/// Takes the complete lines at the front of `buffer` out of it (a JSON
+/// watch's events as its body arrives), leaving a partial last line;
+/// blank lines are dropped.
+pub fn take_lines(buffer: &mut Vec<u8>) -> Vec<Vec<u8>> {
+    let mut lines = Vec::new();
+    while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = buffer.drain(..=end).collect();
+        if !line.iter().all(u8::is_ascii_whitespace) {
+            lines.push(line);
+        }
+    }
+    lines
+}
+
 // ------------------------------------------------------ custom resources ----
 
 /// A GET whose answer is JSON, within `timeout`.

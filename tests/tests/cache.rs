@@ -417,11 +417,7 @@ async fn watch(client: &kube::Client, path: &str) -> Watch {
         while let Some(Ok(frame)) = body.frame().await {
             let Ok(data) = frame.into_data() else { continue };
             buffer.extend_from_slice(&data);
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
+            for line in kache_tests::take_lines(&mut buffer) {
                 let event = serde_json::from_slice::<Value>(&line).unwrap_or_else(
                     |e| json!({"type": "UNPARSABLE", "error": e.to_string(), "line": String::from_utf8_lossy(&line)}),
                 );

@@ -171,11 +171,7 @@ async fn raw_watcher(
                     Some(Err(e)) => break format!("error: {e}"),
                     None => break "EOF".to_string(),
                 }
-                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=end).collect();
-                    if line.iter().all(u8::is_ascii_whitespace) {
-                        continue;
-                    }
+                for line in kache_tests::take_lines(&mut buffer) {
                     let event: Value = serde_json::from_slice(&line).unwrap();
                     let object = &event["object"];
                     let name = object["metadata"]["name"]

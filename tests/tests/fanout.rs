@@ -70,8 +70,7 @@ async fn a_thousand_watchers_each_get_every_event_in_order() {
             while let Some(Ok(frame)) = body.frame().await {
                 let Ok(data) = frame.into_data() else { continue };
                 buffer.extend_from_slice(&data);
-                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                for line in kache_tests::take_lines(&mut buffer) {
                     let event: Value = serde_json::from_slice(&line).unwrap();
                     let name = event["object"]["metadata"]["name"]
                         .as_str()

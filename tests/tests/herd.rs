@@ -450,11 +450,7 @@ async fn watch_once(
             Some(Err(e)) => break format!("error: {e}"),
             None => break "EOF".to_string(),
         }
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
+        for line in kache_tests::take_lines(&mut buffer) {
             let Ok(event) = serde_json::from_slice::<Value>(&line) else {
                 return WatchEnd::Failed(format!("undecodable event: {}", String::from_utf8_lossy(&line)));
             };
