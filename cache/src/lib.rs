@@ -24,6 +24,7 @@
 //! keeping it here, pure and free of I/O, lets the cache key its stores by the
 //! same vocabulary and lets the parser be tested and fuzzed on its own.
 
+pub mod atom;
 pub mod discovery;
 pub mod list;
 pub mod list_stream;

@@ -1514,7 +1514,7 @@ impl Cache {
         let ours: BTreeMap<(String, String), u64> = view
             .objects
             .iter()
-            .map(|o| ((o.namespace.clone(), o.name.clone()), o.resource_version))
+            .map(|o| ((o.namespace.to_string(), o.name.to_string()), o.resource_version))
             .collect();
         let divergence = Divergence::between(&ours, &upstream);
         if divergence.is_empty() {

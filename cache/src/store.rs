@@ -49,6 +49,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
+use crate::atom::{Atom, Pairs};
+
+/// A store's key: namespace and name, the object's own atoms.
+type Key = (Atom, Atom);
+
 /// How a store's objects are encoded (and its answers rendered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -69,8 +74,8 @@ impl Encoding {
 /// An object as cached.
 #[derive(Debug)]
 pub struct Object {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Atom,
+    pub name: Atom,
     pub resource_version: u64,
     /// JSON: the object as the API server sends it in a watch event or a
     /// GET, with `kind` and `apiVersion`. Protobuf: the object's message,
@@ -81,8 +86,11 @@ pub struct Object {
     /// the item's fields start after the type meta, so no second copy is kept.
     item_offset: Option<usize>,
     encoding: Encoding,
-    pub labels: BTreeMap<String, String>,
-    pub fields: BTreeMap<String, String>,
+    /// [`Object::size`], fixed when the object is made: a store subtracts
+    /// exactly what it added.
+    size: usize,
+    pub labels: Pairs,
+    pub fields: Pairs,
 }
 
 /// Why an object could not be cached.
@@ -141,7 +149,7 @@ impl Object {
             .map(|labels| {
                 labels
                     .iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k, v)))
                     .collect()
             })
             .unwrap_or_default();
@@ -163,15 +171,17 @@ impl Object {
             (_, offset) => (json, offset),
         };
         Ok(Object {
-            namespace: metadata["namespace"].as_str().unwrap_or("").to_string(),
-            name: name.to_string(),
+            namespace: Atom::new(metadata["namespace"].as_str().unwrap_or("")),
+            name: Atom::new(name),
             resource_version,
-            fields: fields(value),
+            fields: fields(value).iter().collect(),
             bytes: json,
             item_offset,
             encoding: Encoding::Json,
+            size: 0,
             labels,
-        })
+        }
+        .sized())
     }
 
     /// Builds an object from a built-in object's protobuf message (the `raw`
@@ -196,15 +206,17 @@ impl Object {
             ))
         })?;
         Ok(Object {
-            namespace: meta.namespace,
-            name: meta.name,
+            namespace: Atom::new(&meta.namespace),
+            name: Atom::new(&meta.name),
             resource_version,
-            fields: fields(&message),
+            fields: fields(&message).iter().collect(),
             bytes: message,
             item_offset: None,
             encoding: Encoding::Protobuf,
-            labels: meta.labels,
-        })
+            size: 0,
+            labels: meta.labels.iter().collect(),
+        }
+        .sized())
     }
 
     pub fn encoding(&self) -> Encoding {
@@ -248,31 +260,35 @@ impl Object {
         }
     }
 
-    /// Bytes held for this object (for the memory budget): its bytes and
-    /// strings, and the bookkeeping around them that weighs as much as the
-    /// object itself for small objects — the `Object` and its `Arc`, the
-    /// store's key (a second copy of namespace and name), each label and
-    /// field entry, and the allocator's share of every allocation.
+    /// Bytes held for this object (for the memory budget): its bytes, and
+    /// the bookkeeping around them that weighs as much as the object itself
+    /// for small objects — the `Object` and its `Arc`, the store's entry,
+    /// the labels and fields, each atom's share (see [`Atom::share`]), and
+    /// the allocator's share of every allocation.
     pub fn size(&self) -> usize {
-        /// An allocation's header and rounding, on average.
-        const ALLOCATION: usize = 16;
-        /// A map entry of two strings, with its share of the tree's node.
-        const ENTRY: usize = 2 * std::mem::size_of::<String>() + 16 + 2 * ALLOCATION;
-        let strings = self.namespace.len() + self.name.len();
-        let entries = |map: &BTreeMap<String, String>| {
-            map.iter().map(|(k, v)| k.len() + v.len() + ENTRY).sum::<usize>()
-        };
-        std::mem::size_of::<Object>()
-            + 2 * std::mem::size_of::<usize>() // the Arc's counts
-            + self.bytes.len()
-            + 2 * strings // the object's strings and the store's key
-            + ENTRY // the store's entry
-            + 5 * ALLOCATION // Arc, bytes, namespace, name, key
-            + entries(&self.labels)
-            + entries(&self.fields)
+        self.size
     }
 
-    fn key(&self) -> (String, String) {
+    fn sized(mut self) -> Object {
+        /// An allocation's header and rounding, on average.
+        const ALLOCATION: usize = 16;
+        /// The store's entry: its key (two atoms) and value, with its share
+        /// of the tree's node.
+        const ENTRY: usize = 2 * std::mem::size_of::<Atom>() + std::mem::size_of::<Arc<Object>>() + 16;
+        self.size = std::mem::size_of::<Object>()
+            + 2 * std::mem::size_of::<usize>() // the Arc's counts
+            + ALLOCATION
+            + self.bytes.len()
+            + ALLOCATION
+            + ENTRY
+            + self.namespace.share()
+            + self.name.share()
+            + self.labels.heap_size()
+            + self.fields.heap_size();
+        self
+    }
+
+    fn key(&self) -> Key {
         (self.namespace.clone(), self.name.clone())
     }
 }
@@ -434,7 +450,7 @@ pub enum WatchError {
 
 #[derive(Default)]
 struct State {
-    objects: BTreeMap<(String, String), Arc<Object>>,
+    objects: BTreeMap<Key, Arc<Object>>,
     resource_version: u64,
     /// Events after `window_start`, oldest first.
     events: VecDeque<Arc<Event>>,
@@ -808,16 +824,22 @@ impl Store {
     /// Every object, in (namespace, name) order, that `keep` accepts,
     /// with the store's resourceVersion at that instant.
     pub fn snapshot(&self, namespace: Option<&str>, mut keep: impl FnMut(&Object) -> bool) -> Snapshot {
+        // No object is in a namespace that was never interned.
+        let namespace = namespace.map(Atom::existing);
+        let first_name = Atom::new("");
         let state = self.read();
         let objects = match namespace {
-            Some(ns) => state
-                .objects
-                .range((ns.to_string(), String::new())..)
-                .take_while(|((object_ns, _), _)| object_ns == ns)
-                .map(|(_, o)| o)
-                .filter(|o| keep(o))
-                .cloned()
-                .collect(),
+            Some(ns) => match ns {
+                Some(ns) => state
+                    .objects
+                    .range((ns.clone(), first_name)..)
+                    .take_while(|((object_ns, _), _)| *object_ns == ns)
+                    .map(|(_, o)| o)
+                    .filter(|o| keep(o))
+                    .cloned()
+                    .collect(),
+                None => Vec::new(),
+            },
             None => state.objects.values().filter(|o| keep(o)).cloned().collect(),
         };
         Snapshot {
@@ -828,11 +850,10 @@ impl Store {
 
     /// One object and the store's resourceVersion.
     pub fn get(&self, namespace: &str, name: &str) -> (Option<Arc<Object>>, u64) {
+        // Every held name is interned: a name that is not cannot be here.
+        let key = Atom::existing(namespace).zip(Atom::existing(name));
         let state = self.read();
-        let object = state
-            .objects
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned();
+        let object = key.and_then(|key| state.objects.get(&key).cloned());
         (object, state.resource_version)
     }
 
@@ -906,8 +927,8 @@ impl Store {
 /// `None` if the list cannot be reached by events: it is older than the store,
 /// or holds a change the store should already have seen.
 fn difference(
-    old: &BTreeMap<(String, String), Arc<Object>>,
-    new: &BTreeMap<(String, String), Arc<Object>>,
+    old: &BTreeMap<Key, Arc<Object>>,
+    new: &BTreeMap<Key, Arc<Object>>,
     old_version: u64,
     new_version: u64,
 ) -> Option<Vec<Arc<Event>>> {
@@ -981,7 +1002,7 @@ mod tests {
         assert_eq!(item["metadata"]["name"], "x");
         let full: serde_json::Value = serde_json::from_slice(o.bytes()).unwrap();
         assert_eq!(full["kind"], "ConfigMap");
-        assert_eq!(o.labels["app"], "web");
+        assert_eq!(o.labels.get("app"), Some("web"));
     }
 
     #[test]
@@ -1057,7 +1078,7 @@ mod tests {
         store.apply(EventType::Modified, object("a", "x", 6, &[("v", "stale")]));
         store.apply(EventType::Deleted, object("a", "y", 8, &[]));
         let (x, rv) = store.get("a", "x");
-        assert_eq!(x.unwrap().labels["v"], "2");
+        assert_eq!(x.unwrap().labels.get("v"), Some("2"));
         assert_eq!(rv, 8);
         assert!(store.get("a", "y").0.is_none());
     }
@@ -1105,7 +1126,7 @@ mod tests {
             .map(|e| {
                 (
                     e.kind,
-                    e.object.name.clone(),
+                    e.object.name.to_string(),
                     e.resource_version,
                     e.object.resource_version,
                 )
@@ -1303,7 +1324,7 @@ mod tests {
                 let seen: Vec<_> = snapshot
                     .objects
                     .iter()
-                    .map(|o| ((o.namespace.clone(), o.name.clone()), o.resource_version))
+                    .map(|o| ((o.namespace.to_string(), o.name.to_string()), o.resource_version))
                     .collect();
                 let expected: Vec<_> = model.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 assert_eq!(seen, expected);

@@ -79,10 +79,12 @@ async fn the_budget_counts_what_resident_memory_shows() {
         growth as f64 / 1e6,
         counted as f64 / 1e6
     );
-    // Measured 1.23× (it was 2.06× when objects were parsed whole and their
-    // bookkeeping not counted); what is left is the allocator's.
+    // Measured 1.07–1.12× (2.06× when objects were parsed whole and their
+    // bookkeeping not counted, 1.23× with labels and fields in trees of
+    // owned strings); what is left is the allocator's. The goal is 15 %;
+    // the bound leaves RSS's noise a margin and still fails the tree layout.
     assert!(
-        (0.8..1.5).contains(&ratio),
+        (0.85..1.2).contains(&ratio),
         "the budget counts {counted} bytes for {growth} bytes of resident memory ({ratio:.2}×)"
     );
 }

@@ -249,16 +249,16 @@ fn labels_and_fields_read_from_protobuf_match_those_read_from_json() {
         ("spec.restartPolicy", "Always"),
         ("spec.schedulerName", "default-scheduler"),
     ] {
-        assert_eq!(p1.fields[field], value, "{field}");
+        assert_eq!(p1.fields.get(field), Some(value), "{field}");
     }
     let p3 = pods.iter().find(|p| p.name == "p3").expect("p3");
-    assert_eq!(p3.fields["spec.serviceAccountName"], "default");
-    assert_eq!(p3.fields["status.phase"], "Failed");
+    assert_eq!(p3.fields.get("spec.serviceAccountName"), Some("default"));
+    assert_eq!(p3.fields.get("status.phase"), Some("Failed"));
     let (nodes, _) = reflector::protobuf_list(&spec("", "v1", "nodes", "Node", false), &fixture("nodes.pb"))
         .expect("nodes");
     let cordoned: Vec<_> = nodes
         .iter()
-        .map(|n| (n.name.as_str(), n.fields["spec.unschedulable"].as_str()))
+        .map(|n| (n.name.as_str(), n.fields.get("spec.unschedulable").unwrap_or_default()))
         .collect();
     assert_eq!(cordoned, [("kache-pb-node", "true"), ("kache-pb-node2", "false")]);
 }
@@ -321,7 +321,7 @@ fn watch_streams_are_the_api_servers_frames() {
         .snapshot(None, |_| true)
         .objects
         .iter()
-        .map(|o| (o.name.clone(), o.resource_version))
+        .map(|o| (o.name.to_string(), o.resource_version))
         .collect();
     assert_eq!(names, [("alpha".to_string(), 623), ("beta".to_string(), 614)]);
     let bookmark = watch_event(frames[5]).expect("bookmark").object.raw;

@@ -1,6 +1,5 @@
 //! Which reads the cache answers, and how it renders them.
 
-use std::collections::BTreeMap;
 
 use http::HeaderMap;
 
@@ -656,9 +655,9 @@ fn too_old_versions_are_refused() {
 
 #[test]
 fn field_values_feed_field_selectors() {
-    let fields: BTreeMap<String, String> = configmap("a", "x", 2, &[]).fields;
-    assert_eq!(fields.get("metadata.name").map(String::as_str), Some("x"));
-    assert_eq!(fields.get("metadata.namespace").map(String::as_str), Some("a"));
+    let fields = configmap("a", "x", 2, &[]).fields;
+    assert_eq!(fields.get("metadata.name"), Some("x"));
+    assert_eq!(fields.get("metadata.namespace"), Some("a"));
 }
 
 /// A ConfigMap's protobuf message: ObjectMeta{name, namespace,
