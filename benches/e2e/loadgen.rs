@@ -3,7 +3,8 @@
 //! Subcommands (each prints one JSON object on stdout, progress on stderr):
 //!
 //! - `create-pods`: creates namespaces and ~4 KB pods, concurrently, as admin.
-//! - `list-size`: one LIST, then the body size and the sum of the items' JSON sizes.
+//! - `list-size`: one LIST, then the body size and the sum of the items' JSON sizes
+//!   (and, with `--save`, the body itself, e.g. for nginx to serve the same bytes).
 //! - `load`: closed-loop load at a fixed concurrency for a bounded time and count:
 //!   requests/s, MB/s, p50/p99 latency (time to the last byte of the body).
 //! - `burst`: N identical requests released at once from one program, with the
@@ -75,7 +76,8 @@ enum Command {
 /// Where to send requests.
 #[derive(Args, Clone)]
 struct Target {
-    /// Base URL: `https://127.0.0.1:PORT` (API server) or `http://127.0.0.1:PORT` (kache).
+    /// Base URL: `https://127.0.0.1:PORT` (API server) or `http://127.0.0.1:PORT`
+    /// (kache, or the nginx that serves kache's answers in `run.sh`; with `--no-auth`).
     #[arg(long)]
     url: String,
     /// CA certificate (PEM) for an https URL.
@@ -112,6 +114,9 @@ struct ListSize {
     path: String,
     #[arg(long, default_value = "application/json")]
     accept: String,
+    /// Write the body to this file.
+    #[arg(long)]
+    save: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -139,7 +144,8 @@ struct Load {
     /// kache's `/metrics` URL: how kache answered (cache, coalesced, forwarded) during the loop.
     #[arg(long)]
     kache_metrics: Option<String>,
-    /// `NAME=PID`: report the CPU time the process used during the loop (repeatable).
+    /// `NAME=PID`: report the CPU time the process used during the loop
+    /// (repeatable; the processes given one NAME are summed, e.g. nginx's workers).
     #[arg(long = "cpu", value_name = "NAME=PID")]
     cpu: Vec<String>,
 }
@@ -384,6 +390,11 @@ fn describe_list(body: &[u8]) -> Value {
     }
 }
 
+/// A fingerprint of a whole body (FNV-1a): equal for byte-identical answers.
+fn body_hash(body: &[u8]) -> String {
+    format!("{:016x}", fnv(FNV_OFFSET, body))
+}
+
 fn varint(buf: &mut &[u8]) -> Option<u64> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
@@ -622,8 +633,14 @@ async fn list_size(c: ListSize) -> Result<Value> {
     if !r.status.is_success() {
         bail!("GET {}: {}", c.path, r.status);
     }
-    let mut out = describe_list(r.body.as_deref().unwrap_or_default());
+    let body = r.body.as_deref().unwrap_or_default();
+    if let Some(path) = &c.save {
+        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut out = describe_list(body);
     out["bodyBytes"] = json!(r.bytes);
+    out["bodyHash"] = json!(body_hash(body));
+    out["contentType"] = json!(r.content_type);
     out["seconds"] = json!(r.elapsed.as_secs_f64());
     Ok(out)
 }
@@ -658,6 +675,7 @@ async fn load(c: Load) -> Result<Value> {
     )
     .await?;
     let mut sample = describe_list(first.body.as_deref().unwrap_or_default());
+    sample["bodyHash"] = json!(body_hash(first.body.as_deref().unwrap_or_default()));
     sample["status"] = json!(first.status.as_u16());
     sample["contentType"] = json!(first.content_type);
     sample["bytes"] = json!(first.bytes);
@@ -669,6 +687,7 @@ async fn load(c: Load) -> Result<Value> {
     };
     let mark = c.audit_log.as_deref().map(audit_mark).transpose()?;
     let (watched, cpu_before) = watched_processes(&c.cpu)?;
+    let rss = RssSampler::start(&watched);
     let issued = Arc::new(AtomicUsize::new(0));
     let duration = Duration::from_secs_f64(c.duration);
     let start = Instant::now();
@@ -710,10 +729,11 @@ async fn load(c: Load) -> Result<Value> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let ok = latencies.len();
-    let mut cpu = serde_json::Map::new();
+    let mut cpu = BTreeMap::<String, f64>::new();
     for ((name, pid), before) in watched.iter().zip(cpu_before) {
-        cpu.insert(name.clone(), json!(cpu_seconds(pid)? - before));
+        *cpu.entry(name.clone()).or_default() += cpu_seconds(pid)? - before;
     }
+    let rss = rss.finish().await;
     let upstream = match (&c.audit_log, mark) {
         (Some(log), Some(mark)) => audit_count(log, mark).await?,
         _ => Value::Null,
@@ -738,6 +758,7 @@ async fn load(c: Load) -> Result<Value> {
         "upstream": upstream,
         "kacheAnswers": kache_answers,
         "cpuSeconds": cpu,
+        "rssKb": rss,
         "path": c.path,
         "accept": c.accept,
         "concurrency": c.concurrency,
@@ -769,6 +790,67 @@ fn watched_processes(specs: &[String]) -> Result<(Vec<Watched>, Vec<f64>)> {
         .map(|(_, pid)| cpu_seconds(pid))
         .collect::<Result<_>>()?;
     Ok((watched, before))
+}
+
+/// `VmRSS` of a process in kB (0 once it is gone).
+fn rss_kb(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples the watched processes' RSS every 100 ms during a cell: what they
+/// held at the start and at most, per name (the processes of a name summed).
+struct RssSampler {
+    start: BTreeMap<String, u64>,
+    peak: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn sample(watched: &[Watched]) -> BTreeMap<String, u64> {
+        let mut now = BTreeMap::<String, u64>::new();
+        for (name, pid) in watched {
+            *now.entry(name.clone()).or_default() += rss_kb(pid);
+        }
+        now
+    }
+
+    fn start(watched: &[Watched]) -> RssSampler {
+        let start = Self::sample(watched);
+        let peak = Arc::new(std::sync::Mutex::new(start.clone()));
+        let (watched, shared) = (watched.to_vec(), peak.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = Self::sample(&watched);
+                let mut peak = shared.lock().unwrap_or_else(|e| e.into_inner());
+                for (name, kb) in now {
+                    let p = peak.entry(name).or_default();
+                    *p = (*p).max(kb);
+                }
+            }
+        });
+        RssSampler { start, peak, task }
+    }
+
+    async fn finish(self) -> Value {
+        self.task.abort();
+        let _ = self.task.await;
+        let peak = self.peak.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let out: serde_json::Map<String, Value> = self
+            .start
+            .iter()
+            .map(|(name, start)| (name.clone(), json!({"start": start, "peak": peak.get(name)})))
+            .collect();
+        Value::Object(out)
+    }
 }
 
 fn cpu_seconds(pid: &str) -> Result<f64> {

@@ -60,62 +60,208 @@ p("- Everything runs on the same machine (load generator, kache, API server, etc
   "other users' builds may have been running too: see the load average.")
 p("")
 
+def not_run(r):
+    """Why a cell has no numbers ("skipped: …", "failed: …"), or None when it ran."""
+    if r is None:
+        return "not run"
+    for key in ("skipped", "failed"):
+        if key in r:
+            return f"{key}: {r[key]}"
+    return None
+
+
+def lat(r):
+    return f"{num(r['latency']['p50_ms'])} / {num(r['latency']['p99_ms'])} (n={r['requests']})"
+
+
+def ups(r):
+    if not r.get("upstream"):
+        return "?"
+    return r["upstream"].get("byKind", {}).get("list pods", 0)
+
+
+def cpu(r):
+    """Server CPU ms per request (every watched process but the load generator), client CPU ms."""
+    c_ = r.get("cpuSeconds") or {}
+    server = sum(v for k, v in c_.items() if k != "loadgen")
+    n = max(r["requests"], 1)
+    return server * 1e3 / n, c_.get("loadgen", 0) * 1e3 / n
+
+
+def how(r):
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted((r.get("kacheAnswers") or {}).items(), key=lambda kv: -kv[1])) or "?"
+
+
+def said(r):
+    s_ = r["sample"]
+    return (f"{s_.get('status')} `{s_.get('contentType', '').split(';')[0]}` {s_.get('kind')}, "
+            f"{s_.get('items', '?')} items, {mb(s_.get('bytes', 0))}"
+            + (f" ({s_['error']})" if s_.get("error") else ""))
+
+
+def same_items(a, b):
+    return bool(a and b and a["sample"].get("itemsHash") and a["sample"].get("itemsHash") == b["sample"].get("itemsHash"))
+
+
+def errors(name, r):
+    if r and not not_run(r) and r.get("errors"):
+        notes.append(f"{name}: errors {r['errors']}")
+
+
+def col(r, f, why_not=True):
+    """A value of a cell that ran, else why it did not (or a dash)."""
+    why = not_run(r)
+    return f(r) if not why else (why if why_not else "–")
+
+
+def verdict(x, target, at_least=True):
+    if x is None:
+        return ""
+    return " ✅" if (x >= target if at_least else x <= target) else " ❌"
+
+
+notes = []
+
 # 1 ------------------------------------------------------------------------
 p(f"## 1. `GET /api/v1/pods?resourceVersion=0` throughput ({m['duration']} s per cell, closed loop, "
   "one HTTP/1.1 connection per client, no gzip)")
 p("")
-p("| encoding | clients | direct req/s | kache req/s | **ratio** (target ≥ 10×) | direct MB/s | kache MB/s "
-  "| direct p50 / p99 ms | kache p50 / p99 ms | upstream LISTs direct / kache | how kache answered "
-  "| server CPU ms/request direct / kache | client CPU ms/request direct / kache |")
-p("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-notes = []
+p(f"Three sides per cell, one after the other: the API server directly, kache, and nginx ({m.get('nginx', '?')}) "
+  "serving kache's own answer (the same bytes, captured once per encoding) from a tmpfs — the anchor: what a "
+  "static file server does with these bytes on this machine.")
+p("")
+p("| encoding | clients | direct req/s | kache req/s | nginx req/s | **kache / direct** (target ≥ 10×) "
+  "| **kache / nginx** (target ≥ 0.9×) | direct / kache / nginx MB/s "
+  "| direct p50 / p99 ms | kache p50 / p99 ms | nginx p50 / p99 ms | upstream LISTs direct / kache "
+  "| how kache answered | server CPU ms/request direct / kache / nginx | client CPU ms/request direct / kache / nginx |")
+p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 answers = []
 for enc in ("json", "protobuf"):
+    captured = load(f"nginx-body-{enc}")
     for c in (1, 8):
-        dr, kr = load(f"list-{enc}-c{c}-direct"), load(f"list-{enc}-c{c}-kache")
-        if not dr or not kr:
+        dr, kr, nr = (load(f"list-{enc}-c{c}-{side}") for side in ("direct", "kache", "nginx"))
+        if dr is None and kr is None:
             continue
+        ran = {side: r for side, r in (("direct", dr), ("kache", kr), ("nginx", nr)) if not not_run(r)}
+        for side, r in ran.items():
+            errors(f"{enc} c={c} {side}", r)
+        d_, k_, n_ = ran.get("direct"), ran.get("kache"), ran.get("nginx")
+        kd = k_["rps"] / d_["rps"] if k_ and d_ and d_["rps"] else None
+        kn = k_["rps"] / n_["rps"] if k_ and n_ and n_["rps"] else None
 
-        def lat(r):
-            return f"{num(r['latency']['p50_ms'])} / {num(r['latency']['p99_ms'])} (n={r['requests']})"
+        def three(f):
+            return " / ".join(num(f(r)) if r else "–" for r in (d_, k_, n_))
 
-        def ups(r):
-            if not r.get("upstream"):
-                return "?"
-            return r["upstream"].get("byKind", {}).get("list pods", 0)
-
-        def cpu(r):
-            c_ = r.get("cpuSeconds") or {}
-            server = sum(c_.get(k, 0) for k in ("apiserver", "etcd", "kache"))
-            n = max(r["requests"], 1)
-            return server * 1e3 / n, c_.get("loadgen", 0) * 1e3 / n
-
-        how = ", ".join(f"{k} {v:.0f}" for k, v in sorted((kr.get("kacheAnswers") or {}).items(), key=lambda kv: -kv[1]))
-        r = kr["rps"] / dr["rps"] if dr["rps"] else None
-        verdict = "" if r is None else (" ✅" if r >= 10 else " ❌")
-        p(f"| {enc} | {c} | {num(dr['rps'], 2)} | {num(kr['rps'], 2)} | **{ratio(kr['rps'], dr['rps'])}**{verdict} "
-          f"| {num(dr['mbps'])} | {num(kr['mbps'])} | {lat(dr)} | {lat(kr)} | {ups(dr)} / {ups(kr)} | {how or '?'} "
-          f"| {num(cpu(dr)[0], 0)} / {num(cpu(kr)[0], 0)} | {num(cpu(dr)[1], 0)} / {num(cpu(kr)[1], 0)} |")
-        same = dr["sample"].get("itemsHash") and dr["sample"].get("itemsHash") == kr["sample"].get("itemsHash")
-        if not same:
+        p(f"| {enc} | {c} | {col(dr, lambda r: num(r['rps'], 2))} | {col(kr, lambda r: num(r['rps'], 2))} "
+          f"| {col(nr, lambda r: num(r['rps'], 2))} "
+          f"| **{ratio(k_ and k_['rps'], d_ and d_['rps'])}**{verdict(kd, 10)} "
+          f"| **{ratio(k_ and k_['rps'], n_ and n_['rps'], 2)}**{verdict(kn, 0.9)} "
+          f"| {three(lambda r: r['mbps'])} | {col(dr, lat, False)} | {col(kr, lat, False)} | {col(nr, lat, False)} "
+          f"| {ups(d_) if d_ else '–'} / {ups(k_) if k_ else '–'} | {how(k_) if k_ else '–'} "
+          f"| {' / '.join(num(cpu(r)[0], 0) if r else '–' for r in (d_, k_, n_))} "
+          f"| {' / '.join(num(cpu(r)[1], 0) if r else '–' for r in (d_, k_, n_))} |")
+        if d_ and k_ and not same_items(d_, k_):
             notes.append(f"{enc} c={c}: kache's items differ from the API server's "
-                         f"({kr['sample'].get('items')} items, {kr['sample'].get('itemBytes')} B vs "
-                         f"{dr['sample'].get('items')} items, {dr['sample'].get('itemBytes')} B)")
-        if c == 1:
-            def said(r):
-                s_ = r["sample"]
-                return (f"{s_.get('status')} `{s_.get('contentType', '').split(';')[0]}` {s_.get('kind')}, "
-                        f"{s_.get('items', '?')} items, {mb(s_.get('bytes', 0))}"
-                        + (f" ({s_['error']})" if s_.get("error") else ""))
-            answers.append(f"{enc}: direct {said(dr)}; kache {said(kr)}; "
-                           + ("the items are byte-identical" if same else "**the items differ**"))
+                         f"({k_['sample'].get('items')} items, {k_['sample'].get('itemBytes')} B vs "
+                         f"{d_['sample'].get('items')} items, {d_['sample'].get('itemBytes')} B)")
+        if c == 1 and (d_ or k_):
+            line = f"{enc}: " + "; ".join(f"{side} {said(r)}" for side, r in ran.items())
+            if d_ and k_:
+                line += "; kache's items and the API server's are " + ("byte-identical" if same_items(d_, k_) else "**different**")
+            if n_ and captured:
+                nginx_same = n_["sample"].get("bodyHash") == captured.get("bodyHash") and \
+                    n_["sample"].get("contentType") == captured.get("contentType")
+                kache_same = k_ and k_["sample"].get("bodyHash") == captured.get("bodyHash")
+                line += ("; nginx sent the captured answer byte for byte with kache's Content-Type" if nginx_same
+                         else "; **nginx's answer differs from the captured one**")
+                line += (", and kache still answers those very bytes" if kache_same
+                         else ("; **kache's answer changed since the capture**" if k_ else ""))
+            answers.append(line)
 p("")
 p("Answers (one full response per cell, decoded; items compared as a set, since v1.20 lists rv=0 in "
-  "hash-map order and kache by namespace and name):")
+  "hash-map order and kache by namespace and name; whole bodies by a hash):")
 p("")
 for a in answers:
     p(f"- {a}")
 p("")
+
+
+def rss_of(r, name):
+    """NAME's RSS at a cell's start → its peak (sampled every 100 ms), or None."""
+    x = (r.get("rssKb") or {}).get(name) if r and not not_run(r) else None
+    if not x or not x.get("start"):
+        return None
+    return f"{x['start'] / 1048576:,.2f} → {(x.get('peak') or 0) / 1048576:,.2f} GiB"
+
+
+mem = []
+for enc in ("json", "protobuf"):
+    for c in (1, 8):
+        d_ = rss_of(load(f"list-{enc}-c{c}-direct"), "apiserver")
+        k_ = rss_of(load(f"list-{enc}-c{c}-kache"), "kache")
+        if d_ or k_:
+            mem.append(f"{enc} c={c}: API server {d_ or '–'} (direct), kache {k_ or '–'}")
+if mem:
+    p("RSS of the serving process during its cells (start → peak, sampled every 100 ms): " + "; ".join(mem) + ".")
+    p("")
+
+# 1b -----------------------------------------------------------------------
+pd, pk = load("passthrough-direct"), load("passthrough-kache")
+if pd is not None or pk is not None:
+    p(f"## 1b. Consistent `GET /api/v1/pods` (no resourceVersion: a quorum read from etcd, which kache forwards), "
+      f"1 client, {m['duration']} s or {m.get('passthroughMax', '?')} requests per side")
+    p("")
+    p("| | req/s | MB/s | p50 / p99 ms | upstream pod LISTs | how kache answered | server CPU ms/request "
+      "| client CPU ms/request | RSS start → peak: API server; kache | answer |")
+    p("|---|---|---|---|---|---|---|---|---|---|")
+    for side, r in (("direct", pd), ("through kache", pk)):
+        why = not_run(r)
+        if why:
+            p(f"| {side} | {why} | | | | | | | | |")
+            continue
+        errors(f"consistent LIST {side}", r)
+        p(f"| {side} | {num(r['rps'], 2)} | {num(r['mbps'])} | {lat(r)} | {ups(r)} "
+          f"| {how(r) if side != 'direct' else ''} | {num(cpu(r)[0], 0)} | {num(cpu(r)[1], 0)} "
+          f"| {rss_of(r, 'apiserver') or '–'}; {rss_of(r, 'kache') or '–'} | {said(r)} |")
+    ok = not not_run(pd) and not not_run(pk)
+    x = pk["rps"] / pd["rps"] if ok and pd["rps"] else None
+    p(f"| **kache ÷ direct** (target ≥ 0.95×) | **{ratio(x, 1, 2) if x else '–'}**{verdict(x, 0.95)} "
+      "| | | | | | | | |")
+    p("")
+    p("(The items of a consistent read are not compared: they are the same pods, listed by etcd in key order on "
+      "both sides.)")
+    p("")
+
+# 1c -----------------------------------------------------------------------
+sel_rows = []
+for kind in ("label", "field"):
+    size = load(f"selector-{kind}-size")
+    for c in (1, 8):
+        sd, sk = load(f"selector-{kind}-c{c}-direct"), load(f"selector-{kind}-c{c}-kache")
+        if sd is not None or sk is not None:
+            sel_rows.append((kind, size, c, sd, sk))
+if sel_rows:
+    p(f"## 1c. `GET /api/v1/pods?resourceVersion=0` with a selector ({m['duration']} s per cell, as in 1)")
+    p("")
+    p("| selector | clients | answer | direct req/s | kache req/s | **kache / direct** | direct p50 / p99 ms "
+      "| kache p50 / p99 ms | upstream LISTs direct / kache | how kache answered "
+      "| server CPU ms/request direct / kache | same items |")
+    p("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, size, c, sd, sk in sel_rows:
+        sel = m.get("labelSelector" if kind == "label" else "fieldSelector", "?")
+        d_ = sd if not not_run(sd) else None
+        k_ = sk if not not_run(sk) else None
+        for side, r in (("direct", d_), ("kache", k_)):
+            errors(f"{kind} selector c={c} {side}", r)
+        answer = f"{size['items']:,} pods, {mb(size['bodyBytes'])}" if size else "?"
+        same = "yes" if same_items(d_, k_) else ("**no**" if d_ and k_ else "–")
+        p(f"| {kind} `{sel}` | {c} | {answer} | {col(sd, lambda r: num(r['rps'], 2))} "
+          f"| {col(sk, lambda r: num(r['rps'], 2))} | **{ratio(k_ and k_['rps'], d_ and d_['rps'])}** "
+          f"| {col(sd, lat, False)} | {col(sk, lat, False)} | {ups(d_) if d_ else '–'} / {ups(k_) if k_ else '–'} "
+          f"| {how(k_) if k_ else '–'} | {num(cpu(d_)[0], 0) if d_ else '–'} / {num(cpu(k_)[0], 0) if k_ else '–'} "
+          f"| {same} |")
+    p("")
+
 for n in notes:
     p(f"- ⚠ {n}")
 if notes:
@@ -148,6 +294,19 @@ p("")
 mib = lambda kb: f"{kb / 1024:,.0f} MiB"
 growth_json = (m["rssJsonKb"] - m["rssIdleKb"]) * 1024
 growth_all = (m["rssFilledKb"] - m["rssIdleKb"]) * 1024
+if m.get("hwmJsonKb"):
+    peak_ratio = m["hwmJsonKb"] / m["rssJsonKb"]
+    growth_ratio = growth_json / raw["itemBytes"]
+    p(f"Filling the JSON pod store ({raw['items']:,} pods, {mb(raw['itemBytes'])} of items; kache's first "
+      "list selected no pod, so the peak is the sync's own):")
+    p("")
+    p("| fill time | RSS before | peak (`VmHWM`) right after the fill | RSS after | **peak during sync ÷ RSS after** "
+      "(target ≤ 1.5×) | **RSS growth ÷ raw bytes of the items held** (target ≤ 1.3×) |")
+    p("|---|---|---|---|---|---|")
+    p(f"| {m.get('fillSecondsJson')} s | {mib(m['rssIdleKb'])} | {mib(m['hwmJsonKb'])} | {mib(m['rssJsonKb'])} "
+      f"| **{peak_ratio:.2f}×**{verdict(peak_ratio, 1.5, False)} "
+      f"| **{growth_ratio:.2f}×**{verdict(growth_ratio, 1.3, False)} |")
+    p("")
 p("| kache RSS (`VmRSS`) | idle | JSON pods cached | + protobuf pods cached | after scenario 1 | at the end |")
 p("|---|---|---|---|---|---|")
 p(f"| current (peak `VmHWM`) | {mib(m['rssIdleKb'])} | {mib(m['rssJsonKb'])} | {mib(m['rssFilledKb'])} "
