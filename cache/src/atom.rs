@@ -105,7 +105,9 @@ impl Atom {
 fn sweep() {
     TABLE.inserted.store(0, AtomicOrdering::Relaxed);
     TABLE.atoms.retain(|atom| Arc::strong_count(atom) > 1);
-    TABLE.after_sweep.store(TABLE.atoms.len(), AtomicOrdering::Relaxed);
+    TABLE
+        .after_sweep
+        .store(TABLE.atoms.len(), AtomicOrdering::Relaxed);
 }
 
 /// Atoms in the table (held or awaiting a sweep).
@@ -302,12 +304,18 @@ mod tests {
 
     #[test]
     fn the_table_stays_bounded_by_what_is_held() {
-        let held: Vec<Atom> = (0..1_000).map(|i| Atom::new(&format!("atom-test-held-{i}"))).collect();
+        let held: Vec<Atom> = (0..1_000)
+            .map(|i| Atom::new(&format!("atom-test-held-{i}")))
+            .collect();
         for i in 0..(3 * SWEEP_MIN) {
             drop(Atom::new(&format!("atom-test-churn-{i}")));
         }
         // At most one sweep's worth of garbage (and other tests' atoms).
-        assert!(interned() < held.len() + 2 * SWEEP_MIN, "{} atoms interned", interned());
+        assert!(
+            interned() < held.len() + 2 * SWEEP_MIN,
+            "{} atoms interned",
+            interned()
+        );
         assert!(held.iter().all(|a| Atom::existing(a).is_some()));
     }
 

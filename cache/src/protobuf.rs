@@ -534,9 +534,12 @@ pub(crate) fn begin_envelope(out: &mut Vec<u8>, api_version: &str, kind: &str, r
     put_header(out, 2, raw_len);
 }
 
-/// `contentEncoding` and `contentType`, both empty, as the API server writes them.
+/// `contentEncoding` and `contentType`, both empty, as the API server
+/// writes them: the end of an `Unknown` envelope.
+pub const ENVELOPE_END: &[u8] = &[0x1a, 0x00, 0x22, 0x00];
+
 pub(crate) fn end_envelope(out: &mut Vec<u8>) {
-    out.extend_from_slice(&[0x1a, 0x00, 0x22, 0x00]);
+    out.extend_from_slice(ENVELOPE_END);
 }
 
 fn envelope_len(api_version: &str, kind: &str, raw_len: usize) -> usize {
@@ -580,7 +583,17 @@ where
 /// One frame of a watch stream: length prefix, then a `WatchEvent` of type
 /// `event` whose object is `object` in its envelope.
 pub fn watch_frame(event: &str, api_version: &str, kind: &str, object: &[u8]) -> Bytes {
-    let raw_len = envelope_len(api_version, kind, object.len());
+    let mut out = watch_frame_head(event, api_version, kind, object.len());
+    out.extend_from_slice(object);
+    end_envelope(&mut out);
+    Bytes::from(out)
+}
+
+/// What precedes an object's message of `object_len` bytes in its
+/// [`watch_frame`]; [`ENVELOPE_END`] follows it. A watcher replaying a
+/// store sends the three without copying the message.
+pub fn watch_frame_head(event: &str, api_version: &str, kind: &str, object_len: usize) -> Vec<u8> {
+    let raw_len = envelope_len(api_version, kind, object_len);
     let raw_extension_len = field_len(raw_len);
     let event_len = field_len(event.len()) + field_len(raw_extension_len);
     let mut out = Vec::with_capacity(4 + event_len);
@@ -588,10 +601,8 @@ pub fn watch_frame(event: &str, api_version: &str, kind: &str, object: &[u8]) ->
     put_field(&mut out, 1, event.as_bytes());
     put_header(&mut out, 2, raw_extension_len);
     put_header(&mut out, 1, raw_len);
-    begin_envelope(&mut out, api_version, kind, object.len());
-    out.extend_from_slice(object);
-    end_envelope(&mut out);
-    Bytes::from(out)
+    begin_envelope(&mut out, api_version, kind, object_len);
+    out
 }
 
 /// The object's message with `metadata.resourceVersion` replaced, every other

@@ -809,7 +809,8 @@ pub fn watch(
         (_, MinVersion::Any | MinVersion::Latest) => 0,
         (_, MinVersion::AtLeast(rv)) => rv,
     };
-    let start = match store.watch_from(from) {
+    let namespace = (!plan.namespace.is_empty()).then_some(plan.namespace.as_str());
+    let start = match store.watch_from(from, namespace) {
         Ok(start) => start,
         // The cacher's `410 Expired` ERROR event, for a watch a v1.20
         // upstream would refuse (its 422 on `resourceVersionMatch`).
@@ -825,7 +826,7 @@ pub fn watch(
         Err(error) => return Err(error),
     };
     let timeout = timeout.unwrap_or_else(|| jittered(settings.default_timeout));
-    let (tx, rx) = mpsc::channel::<Result<Bytes, FetchError>>(settings.buffer.max(1));
+    let (tx, rx) = mpsc::channel::<Result<Bytes, FetchError>>(settings.buffer.max(3));
     let interval = settings.bookmark_interval;
     let frames = Frames {
         encoding,
@@ -844,6 +845,7 @@ pub fn watch(
             .then(|| next_bookmark_at(now, interval, out.deadline))
             .flatten();
         let WatchStart {
+            state,
             initial,
             resource_version,
             mut feed,
@@ -853,6 +855,7 @@ pub fn watch(
         let started_at = initial
             .iter()
             .map(|e| e.resource_version)
+            .chain(state.iter().map(|o| o.resource_version))
             .fold(if from == 0 { resource_version } else { from }, u64::max);
         // The store's version as far as this watcher has taken its notices:
         // everything up to it is on its way to the client.
@@ -861,8 +864,19 @@ pub fn watch(
         tokio::pin!(deadline);
         let bookmark_timer = tokio::time::sleep_until(next_bookmark.unwrap_or(out.deadline));
         tokio::pin!(bookmark_timer);
-        for event in &initial {
-            if let Some(frame) = frame_for(&plan, &frames, event) {
+        // Each replayed object as it is sent: its frame's head and tail
+        // around the stored bytes, nothing copied; the replay is let go of
+        // as it goes.
+        for object in state {
+            if in_scope(&plan, &object)
+                && matches(&plan, &object)
+                && !out.deliver_all(frames.added(&object), &feed).await
+            {
+                return;
+            }
+        }
+        for event in initial {
+            if let Some(frame) = frame_for(&plan, &frames, &event) {
                 if !out.deliver(frame, &feed).await {
                     return;
                 }
@@ -1135,23 +1149,35 @@ impl Outbox {
     /// as the cacher ends a watcher it cannot hand an event to, and the
     /// client resumes or relists).
     async fn deliver(&self, frame: Bytes, feed: &broadcast::Receiver<Notice>) -> bool {
-        match self.tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(Ok(frame));
+        self.deliver_all([frame], feed).await
+    }
+
+    /// [`Outbox::deliver`] for a frame in parts, queued together (a watch
+    /// that ends while waiting never leaves half a frame).
+    async fn deliver_all<const N: usize>(
+        &self,
+        parts: [Bytes; N],
+        feed: &broadcast::Receiver<Notice>,
+    ) -> bool {
+        match self.tx.try_reserve_many(N) {
+            Ok(permits) => {
+                permits
+                    .zip(parts)
+                    .for_each(|(permit, part)| permit.send(Ok(part)));
                 return true;
             }
             Err(mpsc::error::TrySendError::Closed(())) => return false,
             Err(mpsc::error::TrySendError::Full(())) => {}
         }
-        let mut frame = Some(frame);
+        let mut parts = Some(parts);
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                permit = self.tx.reserve() => {
-                    return match (permit, frame.take()) {
-                        (Ok(permit), Some(frame)) => {
-                            permit.send(Ok(frame));
+                permits = self.tx.reserve_many(N) => {
+                    return match (permits, parts.take()) {
+                        (Ok(permits), Some(parts)) => {
+                            permits.zip(parts).for_each(|(permit, part)| permit.send(Ok(part)));
                             true
                         }
                         _ => false,
@@ -1206,9 +1232,12 @@ fn jittered(base: Duration) -> Duration {
 /// stops matching is DELETED (its previous state at the event's version).
 /// A DELETED's object is sent at the event's version (a relist's DELETED
 /// carries the last known object, see [`crate::store`]).
+fn in_scope(plan: &ReadPlan, object: &Object) -> bool {
+    plan.namespace.is_empty() || object.namespace == plan.namespace
+}
+
 fn frame_for(plan: &ReadPlan, frames: &Frames, event: &Event) -> Option<Bytes> {
-    let in_scope = |o: &Object| plan.namespace.is_empty() || o.namespace == plan.namespace;
-    if !in_scope(&event.object) {
+    if !in_scope(plan, &event.object) {
         return None;
     }
     let now = event.kind != EventType::Deleted && matches(plan, &event.object);
@@ -1261,6 +1290,29 @@ struct Frames {
 }
 
 impl Frames {
+    /// An ADDED frame for `object` in three parts: a head, the object's
+    /// stored bytes (shared, not copied) and a tail.
+    fn added(&self, object: &Object) -> [Bytes; 3] {
+        let bytes = object.bytes().clone();
+        match self.encoding {
+            Encoding::Json => [
+                Bytes::from_static(b"{\"type\":\"ADDED\",\"object\":"),
+                bytes,
+                Bytes::from_static(b"}\n"),
+            ],
+            Encoding::Protobuf => [
+                Bytes::from(crate::protobuf::watch_frame_head(
+                    "ADDED",
+                    &self.api_version,
+                    &self.kind,
+                    bytes.len(),
+                )),
+                bytes,
+                Bytes::from_static(crate::protobuf::ENVELOPE_END),
+            ],
+        }
+    }
+
     fn event(&self, kind: &str, object: &[u8]) -> Bytes {
         match self.encoding {
             Encoding::Json => json_event_frame(kind, object),

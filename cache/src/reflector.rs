@@ -1097,7 +1097,7 @@ mod tests {
             Encoding::Json,
         ));
         assert!(store.wait_for(5, Duration::from_secs(5)).await);
-        let mut watcher = store.watch_from(5).expect("watch");
+        let mut watcher = store.watch_from(5, None).expect("watch");
         lines
             .send(Bytes::from_static(
                 b"{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"status\":\"Failure\",\"reason\":\"Expired\",\"code\":410}}\n",

@@ -1846,7 +1846,7 @@ mod tests {
                 .expect("the initial events")
                 .expect("open")
                 .expect("no error");
-            events += chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+            events += chunk.iter().filter(|b| **b == b'\n').count();
         }
         assert_eq!(cache.debug_view()["resources"][0]["watchers"], 1);
         cache.sweep();

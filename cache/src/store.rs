@@ -54,6 +54,40 @@ use crate::atom::{Atom, Pairs};
 /// A store's key: namespace and name, the object's own atoms.
 type Key = (Atom, Atom);
 
+/// The objects a read covers: one namespace's (a range of the store's
+/// keys), or all.
+enum Scope {
+    All,
+    /// The namespace's first key (`""` sorts first), if it exists at all.
+    Namespace(Option<Key>),
+}
+
+impl Scope {
+    /// Looked up before the store's lock is taken: no object is in a
+    /// namespace that was never interned.
+    fn of(namespace: Option<&str>) -> Scope {
+        namespace.map_or(Scope::All, |ns| {
+            Scope::Namespace(Atom::existing(ns).map(|ns| (ns, Atom::new(""))))
+        })
+    }
+
+    fn objects<'a>(
+        &'a self,
+        objects: &'a BTreeMap<Key, Arc<Object>>,
+    ) -> Box<dyn Iterator<Item = &'a Arc<Object>> + 'a> {
+        match self {
+            Scope::All => Box::new(objects.values()),
+            Scope::Namespace(None) => Box::new(std::iter::empty()),
+            Scope::Namespace(Some(first)) => Box::new(
+                objects
+                    .range(first..)
+                    .take_while(move |((object_ns, _), _)| *object_ns == first.0)
+                    .map(|(_, o)| o),
+            ),
+        }
+    }
+}
+
 /// How a store's objects are encoded (and its answers rendered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -492,9 +526,14 @@ pub struct Snapshot {
     pub resource_version: u64,
 }
 
-/// How a watch starts: the events it must replay, and the live feed.
+/// How a watch starts: what it must replay, and the live feed.
 #[derive(Debug)]
 pub struct WatchStart {
+    /// From `0`: the current state, each object to be sent as ADDED (the
+    /// watcher frames each one as it sends it: nothing is made per object
+    /// under the store's lock, and nothing kept once sent).
+    pub state: Vec<Arc<Object>>,
+    /// From a version: the retained events after it.
     pub initial: Vec<Arc<Event>>,
     pub resource_version: u64,
     pub feed: broadcast::Receiver<Notice>,
@@ -824,26 +863,14 @@ impl Store {
     /// Every object, in (namespace, name) order, that `keep` accepts,
     /// with the store's resourceVersion at that instant.
     pub fn snapshot(&self, namespace: Option<&str>, mut keep: impl FnMut(&Object) -> bool) -> Snapshot {
-        // No object is in a namespace that was never interned.
-        let namespace = namespace.map(Atom::existing);
-        let first_name = Atom::new("");
+        let scope = Scope::of(namespace);
         let state = self.read();
-        let objects = match namespace {
-            Some(ns) => match ns {
-                Some(ns) => state
-                    .objects
-                    .range((ns.clone(), first_name)..)
-                    .take_while(|((object_ns, _), _)| *object_ns == ns)
-                    .map(|(_, o)| o)
-                    .filter(|o| keep(o))
-                    .cloned()
-                    .collect(),
-                None => Vec::new(),
-            },
-            None => state.objects.values().filter(|o| keep(o)).cloned().collect(),
-        };
         Snapshot {
-            objects,
+            objects: scope
+                .objects(&state.objects)
+                .filter(|o| keep(o))
+                .cloned()
+                .collect(),
             resource_version: state.resource_version,
         }
     }
@@ -858,32 +885,25 @@ impl Store {
     }
 
     /// Starts a watch from `resource_version`: `0` replays the current state
-    /// as ADDED events; otherwise the retained events after it (and a
-    /// relist's DELETED at it, see the module's doc).
+    /// (of `namespace`, or all) as ADDED events; otherwise the retained
+    /// events after it (and a relist's DELETED at it, see the module's doc).
     ///
     /// # Errors
     /// The version is older than the retained window, or the store was stopped.
-    pub fn watch_from(&self, resource_version: u64) -> Result<WatchStart, WatchError> {
+    pub fn watch_from(
+        &self,
+        resource_version: u64,
+        namespace: Option<&str>,
+    ) -> Result<WatchStart, WatchError> {
+        let scope = Scope::of(namespace);
         let state = self.read();
         if state.closed {
             return Err(WatchError::Stopped);
         }
         // Subscribed under the lock: no event between replay and feed is lost.
         let feed = self.notices.subscribe();
-        let initial = if resource_version == 0 {
-            state
-                .objects
-                .values()
-                .map(|o| {
-                    Arc::new(Event {
-                        kind: EventType::Added,
-                        object: o.clone(),
-                        prev: None,
-                        resource_version: o.resource_version,
-                        frames: EventFrames::default(),
-                    })
-                })
-                .collect()
+        let (state_objects, initial) = if resource_version == 0 {
+            (scope.objects(&state.objects).cloned().collect(), Vec::new())
         } else {
             if resource_version < state.window_start {
                 return Err(WatchError::TooOld(TooOld {
@@ -891,7 +911,7 @@ impl Store {
                     oldest: state.window_start,
                 }));
             }
-            state
+            let events = state
                 .events
                 .iter()
                 .filter(|e| {
@@ -899,9 +919,11 @@ impl Store {
                         || (e.resource_version == resource_version && e.replayed_at_own_version())
                 })
                 .cloned()
-                .collect()
+                .collect();
+            (Vec::new(), events)
         };
         Ok(WatchStart {
+            state: state_objects,
             initial,
             resource_version: state.resource_version,
             feed,
@@ -1090,27 +1112,27 @@ mod tests {
         for rv in 6..=9 {
             store.apply(EventType::Modified, object("a", "x", rv, &[]));
         }
-        let start = store.watch_from(7).unwrap();
+        let start = store.watch_from(7, None).unwrap();
         let rvs: Vec<_> = start.initial.iter().map(|e| e.resource_version).collect();
         assert_eq!(rvs, [8, 9]);
         assert_eq!(
-            store.watch_from(5).unwrap_err(),
+            store.watch_from(5, None).unwrap_err(),
             WatchError::TooOld(TooOld {
                 requested: 5,
                 oldest: 7
             })
         );
-        let from_zero = store.watch_from(0).unwrap();
-        assert_eq!(from_zero.initial.len(), 1);
-        assert_eq!(from_zero.initial[0].kind, EventType::Added);
-        assert_eq!(from_zero.initial[0].object.resource_version, 9);
+        let from_zero = store.watch_from(0, None).unwrap();
+        assert!(from_zero.initial.is_empty());
+        assert_eq!(from_zero.state.len(), 1);
+        assert_eq!(from_zero.state[0].resource_version, 9);
     }
 
     #[tokio::test]
     async fn watchers_receive_new_events_and_progress() {
         let store = Store::new(10, 10);
         store.replace(vec![], 5);
-        let mut start = store.watch_from(5).unwrap();
+        let mut start = store.watch_from(5, None).unwrap();
         store.apply(EventType::Added, object("a", "x", 6, &[]));
         match start.feed.recv().await.unwrap() {
             Notice::Event(e) => assert_eq!((e.kind, e.resource_version), (EventType::Added, 6)),
@@ -1146,7 +1168,7 @@ mod tests {
             ],
             10,
         );
-        let mut start = store.watch_from(10).unwrap();
+        let mut start = store.watch_from(10, None).unwrap();
         store.replace(
             vec![
                 object("a", "kept", 2, &[]),
@@ -1191,7 +1213,7 @@ mod tests {
         store.replace(vec![object("a", "x", 3, &[]), object("a", "y", 4, &[])], 5);
         store.apply(EventType::Added, object("a", "z", 6, &[]));
         store.replace(vec![object("a", "x", 9, &[]), object("a", "w", 8, &[])], 12);
-        let resumed = |rv| summary(&store.watch_from(rv).unwrap().initial);
+        let resumed = |rv| summary(&store.watch_from(rv, None).unwrap().initial);
         let all = [
             (EventType::Added, "w".to_string(), 8, 8),
             (EventType::Modified, "x".into(), 9, 9),
@@ -1207,26 +1229,29 @@ mod tests {
         assert_eq!(resumed(8), all[1..]);
         // The list's version: the deletions again (there may be several at it).
         assert_eq!(resumed(12), all[2..]);
-        assert!(store.watch_from(4).is_err(), "older than the window");
+        assert!(store.watch_from(4, None).is_err(), "older than the window");
     }
 
     #[tokio::test]
     async fn a_list_older_than_the_store_ends_its_watchers() {
         let store = Store::new(100, 10);
         store.replace(vec![object("a", "x", 3, &[])], 10);
-        let mut start = store.watch_from(10).unwrap();
+        let mut start = store.watch_from(10, None).unwrap();
         store.replace(vec![object("a", "x", 3, &[])], 8);
         assert!(matches!(start.feed.recv().await.unwrap(), Notice::End));
         assert_eq!(store.resource_version(), 8);
-        assert!(store.watch_from(9).unwrap().initial.is_empty());
-        assert!(store.watch_from(7).is_err(), "the window restarts at the list");
+        assert!(store.watch_from(9, None).unwrap().initial.is_empty());
+        assert!(
+            store.watch_from(7, None).is_err(),
+            "the window restarts at the list"
+        );
     }
 
     #[tokio::test]
     async fn a_relist_without_changes_only_moves_the_version() {
         let store = Store::new(100, 10);
         store.replace(vec![object("a", "x", 3, &[])], 10);
-        let mut start = store.watch_from(10).unwrap();
+        let mut start = store.watch_from(10, None).unwrap();
         store.replace(vec![object("a", "x", 3, &[])], 15);
         match start.feed.recv().await.unwrap() {
             Notice::Relisted {
@@ -1241,7 +1266,7 @@ mod tests {
     async fn losing_the_upstream_keeps_watchers_and_closing_ends_them() {
         let store = Store::new(100, 10);
         store.replace(vec![], 10);
-        let mut start = store.watch_from(10).unwrap();
+        let mut start = store.watch_from(10, None).unwrap();
         store.mark_unsynced();
         assert!(!store.is_synced());
         assert!(start.feed.try_recv().is_err(), "nothing said to watchers");
@@ -1251,7 +1276,7 @@ mod tests {
         store.close();
         assert!(matches!(start.feed.recv().await.unwrap(), Notice::End));
         assert!(!store.is_synced());
-        assert_eq!(store.watch_from(11).unwrap_err(), WatchError::Stopped);
+        assert_eq!(store.watch_from(11, None).unwrap_err(), WatchError::Stopped);
         store.mark_synced();
         store.replace(vec![], 20);
         assert!(!store.is_synced(), "a stopped store stays stopped");
@@ -1271,7 +1296,7 @@ mod tests {
         store.replace(vec![], 9);
         // Three deletions at 9, two kept: a resume at 9 would miss one.
         assert!(matches!(
-            store.watch_from(9),
+            store.watch_from(9, None),
             Err(WatchError::TooOld(TooOld { oldest: 10, .. }))
         ));
     }

@@ -258,7 +258,12 @@ fn labels_and_fields_read_from_protobuf_match_those_read_from_json() {
         .expect("nodes");
     let cordoned: Vec<_> = nodes
         .iter()
-        .map(|n| (n.name.as_str(), n.fields.get("spec.unschedulable").unwrap_or_default()))
+        .map(|n| {
+            (
+                n.name.as_str(),
+                n.fields.get("spec.unschedulable").unwrap_or_default(),
+            )
+        })
         .collect();
     assert_eq!(cordoned, [("kache-pb-node", "true"), ("kache-pb-node2", "false")]);
 }
@@ -304,6 +309,11 @@ fn watch_streams_are_the_api_servers_frames() {
             watch_frame(kind, "v1", "ConfigMap", event.object.raw).as_ref(),
             &framed[..]
         );
+        // And in parts around the message, as a replay sends it.
+        let mut parts = watch_frame_head(kind, "v1", "ConfigMap", event.object.raw.len());
+        parts.extend_from_slice(event.object.raw);
+        parts.extend_from_slice(ENVELOPE_END);
+        assert_eq!(parts, framed);
     }
     // Split anywhere, frames come out whole.
     let (partial, used) = split_frames(&stream[..stream.len() - 1]);

@@ -1,6 +1,5 @@
 //! Which reads the cache answers, and how it renders them.
 
-
 use http::HeaderMap;
 
 use super::*;
@@ -359,18 +358,32 @@ fn unsupported_field_selectors_are_detected() {
     assert!(fields_supported(&plan.field, &spec(true)));
 }
 
+/// The JSON events `chunk` completes, with what came before it in
+/// `pending` (an event may come in several chunks).
+fn lines(pending: &mut Vec<u8>, chunk: &[u8]) -> Vec<serde_json::Value> {
+    pending.extend_from_slice(chunk);
+    let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
+        return Vec::new();
+    };
+    let complete: Vec<u8> = pending.drain(..=end).collect();
+    complete
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|line| serde_json::from_slice(line).expect("json"))
+        .collect()
+}
+
 async fn frames(mut response: Response<ByteStream>, count: usize) -> Vec<serde_json::Value> {
     use futures::StreamExt;
     let mut out = Vec::new();
+    let mut pending = Vec::new();
     while out.len() < count {
         let chunk = tokio::time::timeout(Duration::from_secs(5), response.body_mut().next())
             .await
             .expect("frame in time")
             .expect("stream open")
             .expect("no error");
-        for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            out.push(serde_json::from_slice(line).expect("json"));
-        }
+        out.extend(lines(&mut pending, &chunk));
     }
     out
 }
@@ -979,11 +992,11 @@ async fn timeline(
     use futures::StreamExt;
     let mut out = Vec::new();
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let mut pending = Vec::new();
     while let Some(chunk) = response.body_mut().next().await {
         let chunk = chunk.expect("no error");
         let at = started.elapsed().as_secs();
-        for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let event: serde_json::Value = serde_json::from_slice(line).expect("json");
+        for event in lines(&mut pending, &chunk) {
             out.push((
                 at,
                 s(&event["type"]),
@@ -1174,12 +1187,12 @@ async fn bookmarks_never_run_ahead_of_the_events_still_on_their_way() {
     };
     let mut events = Vec::new();
     let mut added = 0;
+    let mut pending = Vec::new();
     for r in 0..ROUNDS {
         tokio::time::sleep_until(round(r, Duration::from_millis(1500))).await;
         while added < (r + 1) * BURST {
             let chunk = response.body_mut().next().await.expect("open").expect("no error");
-            for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let event: serde_json::Value = serde_json::from_slice(line).expect("json");
+            for event in lines(&mut pending, &chunk) {
                 let rv: u64 = event["object"]["metadata"]["resourceVersion"]
                     .as_str()
                     .and_then(|rv| rv.parse().ok())
