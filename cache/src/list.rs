@@ -13,6 +13,15 @@
 //!
 //! The bytes are exactly those [`crate::reads`] rendered into one buffer
 //! before (and the API server sends): see the tests.
+//!
+//! On the wire, the parts are [`Batched`]: a list of small objects is two
+//! parts per item (separator and object), and each part a body frame costs
+//! more than copying it does — 20,000 frames for 10,000 pods, each through
+//! the body's layers and its own `iovec`. Parts smaller than
+//! [`BY_REFERENCE`] are copied together into chunks of about [`BATCH`];
+//! larger ones are sent as they are, uncopied. An answer holds at most one
+//! chunk being filled, and the HTTP connection at most its write buffer's
+//! worth, so memory per answer stays small and does not grow with the list.
 
 use std::sync::Arc;
 
@@ -144,6 +153,15 @@ impl ListBody {
         }
     }
 
+    /// The answer's bytes in chunks of about [`BATCH`] (see the module's doc).
+    pub fn batched(self) -> Batched {
+        Batched {
+            parts: self.chunks(),
+            pending: None,
+            buffer: Vec::new(),
+        }
+    }
+
     /// The `200` response streaming this list, with `Content-Length`.
     pub fn into_response(self) -> Response<ByteStream> {
         let content_type = match self.encoding {
@@ -151,7 +169,7 @@ impl ListBody {
             Encoding::Protobuf => crate::protobuf::CONTENT_TYPE,
         };
         let len = self.len;
-        let stream: ByteStream = Box::pin(futures::stream::iter(self.chunks().map(Ok::<Bytes, FetchError>)));
+        let stream: ByteStream = Box::pin(futures::stream::iter(self.batched().map(Ok::<Bytes, FetchError>)));
         let mut response = Response::new(stream);
         *response.status_mut() = StatusCode::OK;
         let headers = response.headers_mut();
@@ -253,6 +271,50 @@ impl Iterator for Chunks {
     }
 }
 
+/// The size a [`Batched`] chunk of copied parts reaches before it is sent.
+pub const BATCH: usize = 64 * 1024;
+/// Parts at least this large are sent as they are, not copied.
+pub const BY_REFERENCE: usize = 16 * 1024;
+
+/// A list's parts as chunks of at least [`BATCH`] bytes, but for the last
+/// and for parts of [`BY_REFERENCE`] bytes or more, which are passed on
+/// uncopied (after the chunk in progress).
+#[derive(Debug)]
+pub struct Batched {
+    parts: Chunks,
+    /// A large part, due after the chunk just sent.
+    pending: Option<Bytes>,
+    buffer: Vec<u8>,
+}
+
+impl Iterator for Batched {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        loop {
+            let Some(part) = self.pending.take().or_else(|| self.parts.next()) else {
+                return (!self.buffer.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.buffer)));
+            };
+            if part.len() >= BY_REFERENCE {
+                if self.buffer.is_empty() {
+                    return Some(part);
+                }
+                self.pending = Some(part);
+                return Some(Bytes::from(std::mem::take(&mut self.buffer)));
+            }
+            if self.buffer.capacity() == 0 {
+                // Never outgrown: a chunk is sent once it reaches BATCH,
+                // and no copied part is BY_REFERENCE long.
+                self.buffer.reserve_exact(BATCH + BY_REFERENCE);
+            }
+            self.buffer.extend_from_slice(&part);
+            if self.buffer.len() >= BATCH {
+                return Some(Bytes::from(std::mem::take(&mut self.buffer)));
+            }
+        }
+    }
+}
+
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("invariant: writing to a Vec cannot fail");
 }
@@ -273,6 +335,70 @@ mod tests {
             r#"{{"apiVersion":"example.com/v1","kind":"Widget","metadata":{{"name":"{name}","resourceVersion":"{rv}"}}}}"#
         );
         Arc::new(Object::from_json(Bytes::from(json), false, |_| Default::default()).expect("object"))
+    }
+
+    fn configmap_of(name: &str, data: usize) -> Arc<Object> {
+        let json = format!(
+            r#"{{"kind":"ConfigMap","apiVersion":"v1","metadata":{{"name":"{name}","namespace":"ns","resourceVersion":"3"}},"data":{{"k":"{}"}}}}"#,
+            "x".repeat(data)
+        );
+        Arc::new(Object::from_json(Bytes::from(json), true, |_| Default::default()).expect("object"))
+    }
+
+    #[test]
+    fn batched_lists_copy_small_parts_together_and_pass_large_ones_uncopied() {
+        // 2,000 small objects, two large ones among them.
+        let objects: Vec<Arc<Object>> = (0..2_000)
+            .map(|i| match i {
+                700 | 701 => configmap_of(&format!("big-{i}"), 3 * BY_REFERENCE),
+                _ => configmap_of(&format!("cm-{i:04}"), 100),
+            })
+            .collect();
+        let body = || ListBody::json("ConfigMapList", "v1", 7, false, objects.clone());
+        let parts = body().chunks().count();
+        let chunks: Vec<Bytes> = body().batched().collect();
+        assert_eq!(chunks.concat(), body().to_vec(), "the same bytes");
+        assert!(
+            chunks.len() * 50 < parts,
+            "{} chunks for {parts} parts",
+            chunks.len()
+        );
+        for big in &objects[700..=701] {
+            let stored = big.bytes().as_ptr_range();
+            assert!(
+                chunks
+                    .iter()
+                    .any(|c| stored.contains(&c.as_ptr()) && c.len() >= 3 * BY_REFERENCE),
+                "a large object is sent uncopied, whole"
+            );
+        }
+        // Copied chunks fill up to BATCH and never past it by a large part.
+        let (last, rest) = chunks.split_last().expect("chunks");
+        assert!(!last.is_empty());
+        for chunk in rest {
+            assert!(chunk.len() < BATCH + BY_REFERENCE, "{}", chunk.len());
+        }
+        // The protobuf list too.
+        let pb: Vec<Arc<Object>> = (0..500)
+            .map(|i| {
+                let mut meta = Vec::new();
+                put_field(&mut meta, 1, format!("cm-{i}").as_bytes());
+                put_field(&mut meta, 6, b"3");
+                let mut message = Vec::new();
+                put_field(&mut message, 1, &meta);
+                put_field(
+                    &mut message,
+                    2,
+                    &vec![7u8; if i == 250 { 2 * BY_REFERENCE } else { 50 }],
+                );
+                Arc::new(Object::from_protobuf(Bytes::from(message), |_| Default::default()).expect("object"))
+            })
+            .collect();
+        let pb_body = || ListBody::protobuf("ConfigMapList", "v1", 9, pb.clone());
+        assert_eq!(
+            pb_body().batched().collect::<Vec<_>>().concat(),
+            pb_body().to_vec()
+        );
     }
 
     #[test]
