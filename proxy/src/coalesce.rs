@@ -13,10 +13,18 @@
 //! completes when its response body has finished or failed; the gathering
 //! call is then sent with everyone who arrived meanwhile. Nothing is kept
 //! after a call completes: the next arrival starts a new call.
+//!
+//! Every waiter of a call is known before the call is sent, so a chunk of
+//! its body is kept only until every waiter still reading has taken it:
+//! with readers as fast as the API server, a call holds a few chunks, not
+//! its whole body (a consistent LIST of 100,000 pods is 400 MB). A reader
+//! slower than the API server still has its backlog kept for it.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
@@ -224,11 +232,48 @@ type Fetch = Box<dyn FnOnce() -> BoxFuture<'static, Result<Response<Body>, Proxy
 #[derive(Default)]
 struct CallState {
     head: Option<Result<Head, Arc<ProxyError>>>,
-    /// The body so far. Kept whole while the call runs, since each waiter
-    /// reads at its own pace; freed when the sender and all readers are gone.
-    chunks: Vec<Bytes>,
+    /// The body's chunks from number `first` on: those some waiter has not
+    /// taken yet (each reads at its own pace).
+    chunks: VecDeque<Bytes>,
+    first: usize,
+    /// Each waiter's next chunk; a waiter that left no longer counts.
+    cursors: Arc<Mutex<Vec<Weak<AtomicUsize>>>>,
     /// Set when the body finished (with its trailers, if any) or failed.
     end: Option<Result<Option<HeaderMap>, Arc<BoxError>>>,
+}
+
+impl CallState {
+    /// A new waiter, reading from the first chunk: registered before the
+    /// call is sent, so no chunk is let go of before it took it.
+    fn register(&self) -> Arc<AtomicUsize> {
+        let cursor = Arc::new(AtomicUsize::new(0));
+        let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+        cursors.retain(|c| c.strong_count() > 0);
+        cursors.push(Arc::downgrade(&cursor));
+        cursor
+    }
+
+    /// Appends a chunk and lets go of those every waiter still reading took.
+    fn push(&mut self, chunk: Bytes) {
+        self.chunks.push_back(chunk);
+        let taken = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(PoisonError::into_inner);
+            cursors.retain(|c| c.strong_count() > 0);
+            cursors
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|c| c.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(self.first + self.chunks.len())
+        };
+        while self.first < taken && self.chunks.pop_front().is_some() {
+            self.first += 1;
+        }
+    }
+
+    fn chunk(&self, index: usize) -> Option<&Bytes> {
+        index.checked_sub(self.first).and_then(|i| self.chunks.get(i))
+    }
 }
 
 #[derive(Clone)]
@@ -272,12 +317,12 @@ impl Coalescer {
         Fut: Future<Output = Result<Response<Body>, ProxyError>> + Send + 'static,
     {
         let fetch: Fetch = Box::new(move || fetch().boxed());
-        let (role, mut progress) = self.join(key, fetch);
+        let (role, mut progress, cursor) = self.join(key, fetch);
         if role == Role::Follower {
             self.inner.metrics.coalesced.inc();
         }
         let result = wait_for_head(&mut progress).await.map(|head| {
-            let mut response = Response::new(shared_body(progress));
+            let mut response = Response::new(shared_body(progress, cursor));
             *response.status_mut() = head.status;
             *response.version_mut() = head.version;
             *response.headers_mut() = head.headers;
@@ -287,19 +332,25 @@ impl Coalescer {
     }
 
     /// Subscribes to the call this request may share: a new one, or the gathering one.
-    fn join(&self, key: CoalesceKey, fetch: Fetch) -> (Role, watch::Receiver<CallState>) {
+    fn join(&self, key: CoalesceKey, fetch: Fetch) -> (Role, watch::Receiver<CallState>, Arc<AtomicUsize>) {
         let mut fetch = Some(fetch);
         let mut start = None;
+        // Registered under the map's lock: a gathering call is taken (to be
+        // sent) under it too, so every waiter is counted before any chunk.
+        let joined = |role, receiver: watch::Receiver<CallState>| {
+            let cursor = receiver.borrow().register();
+            (role, receiver, cursor)
+        };
         let joined = match self.inner.calls.entry(key) {
             Entry::Vacant(vacant) => {
                 let key = vacant.key().clone();
                 vacant.insert(InFlight { gathering: None });
                 let (progress, receiver) = watch::channel(CallState::default());
                 start = Some((key, progress));
-                (Role::Leader, receiver)
+                joined(Role::Leader, receiver)
             }
             Entry::Occupied(mut occupied) => match &mut occupied.get_mut().gathering {
-                Some(gathering) => (Role::Follower, gathering.progress.subscribe()),
+                Some(gathering) => joined(Role::Follower, gathering.progress.subscribe()),
                 empty @ None => {
                     let (progress, receiver) = watch::channel(CallState::default());
                     *empty = Some(Gathering {
@@ -307,7 +358,7 @@ impl Coalescer {
                         fetch: Mutex::new(fetch.take().expect("invariant: fetch is taken once")),
                         span: tracing::Span::current(),
                     });
-                    (Role::Leader, receiver)
+                    joined(Role::Leader, receiver)
                 }
             },
         };
@@ -391,7 +442,7 @@ async fn send(progress: &watch::Sender<CallState>, fetch: Fetch) {
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.is_empty() => {}
-                Ok(data) => progress.send_modify(|state| state.chunks.push(data)),
+                Ok(data) => progress.send_modify(|state| state.push(data)),
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
             Some(Err(error)) => {
@@ -436,6 +487,8 @@ enum SharedBodyError {
 struct Reader {
     progress: watch::Receiver<CallState>,
     next: usize,
+    /// `next`, shared with the call: what this reader took may be let go of.
+    cursor: Arc<AtomicUsize>,
     done: bool,
 }
 
@@ -455,7 +508,7 @@ impl Reader {
         loop {
             let step = {
                 let state = self.progress.borrow_and_update();
-                match (state.chunks.get(self.next), &state.end) {
+                match (state.chunk(self.next), &state.end) {
                     (Some(chunk), _) => Step::Data(chunk.clone()),
                     (None, Some(Ok(Some(trailers)))) => Step::Last(Ok(Frame::trailers(trailers.clone()))),
                     (None, Some(Ok(None))) => Step::End,
@@ -467,6 +520,7 @@ impl Reader {
             match step {
                 Step::Data(chunk) => {
                     self.next += 1;
+                    self.cursor.store(self.next, Ordering::Release);
                     return Some((Ok(Frame::data(chunk)), self));
                 }
                 Step::Last(item) => {
@@ -480,10 +534,11 @@ impl Reader {
     }
 }
 
-fn shared_body(progress: watch::Receiver<CallState>) -> Body {
+fn shared_body(progress: watch::Receiver<CallState>, cursor: Arc<AtomicUsize>) -> Body {
     let reader = Reader {
         progress,
         next: 0,
+        cursor,
         done: false,
     };
     body::stream(StreamBody::new(futures::stream::unfold(
@@ -726,6 +781,86 @@ mod tests {
             response.expect("response");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    /// A chunk that counts, when the last of its copies is dropped, into `released`.
+    fn probe(released: &Arc<AtomicUsize>) -> Bytes {
+        struct Probe(Arc<AtomicUsize>, [u8; 8]);
+        impl AsRef<[u8]> for Probe {
+            fn as_ref(&self) -> &[u8] {
+                &self.1
+            }
+        }
+        impl Drop for Probe {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Bytes::from_owner(Probe(released.clone(), *b"chunk..."))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_chunk_is_let_go_of_once_every_waiter_still_reading_took_it() {
+        let coalescer = Coalescer::new(CoalesceMetrics::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        // A running call, so that the next three gather into one call.
+        let (blocker, fetch) = streamed(&calls);
+        let running = spawn_run(&coalescer, key(LIST), fetch);
+        settle().await;
+        let (chunks, fetch) = streamed(&calls);
+        let waiters: Vec<_> = std::iter::once(spawn_run(&coalescer, key(LIST), fetch))
+            .chain((0..2).map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::ZERO))))
+            .collect();
+        settle().await;
+        drop(blocker);
+        let _ = running
+            .await
+            .expect("task")
+            .1
+            .expect("response")
+            .into_body()
+            .collect()
+            .await;
+        let mut bodies = Vec::new();
+        for waiter in waiters {
+            bodies.push(waiter.await.expect("task").1.expect("response").into_body());
+        }
+        let released = Arc::new(AtomicUsize::new(0));
+        let mut slow = bodies.pop().expect("three waiters");
+        for i in 0..50 {
+            chunks.send(Ok(probe(&released))).expect("send");
+            for body in &mut bodies {
+                let frame = body.frame().await.expect("frame").expect("data");
+                assert_eq!(frame.into_data().expect("data").len(), 8);
+            }
+            // The slow reader has taken none: everything is kept for it.
+            assert_eq!(released.load(Ordering::SeqCst), 0, "chunk {i}");
+        }
+        // It catches up; from then on each chunk goes once the next arrives.
+        for _ in 0..50 {
+            drop(slow.frame().await.expect("frame").expect("data"));
+        }
+        for i in 0..50 {
+            chunks.send(Ok(probe(&released))).expect("send");
+            for body in bodies.iter_mut().chain(std::iter::once(&mut slow)) {
+                drop(body.frame().await.expect("frame").expect("data"));
+            }
+            assert_eq!(released.load(Ordering::SeqCst), 50 + i, "chunk {}", 50 + i);
+        }
+        // A reader that leaves no longer holds chunks back.
+        drop(slow);
+        for _ in 0..2 {
+            chunks.send(Ok(probe(&released))).expect("send");
+            for body in &mut bodies {
+                drop(body.frame().await.expect("frame").expect("data"));
+            }
+        }
+        assert_eq!(released.load(Ordering::SeqCst), 101);
+        drop(chunks);
+        for body in bodies {
+            assert!(body.collect().await.is_ok());
+        }
+        assert_eq!(released.load(Ordering::SeqCst), 102);
     }
 
     #[tokio::test(start_paused = true)]
