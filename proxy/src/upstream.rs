@@ -136,6 +136,7 @@ impl Upstream {
         let request = Request::post(path)
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::ACCEPT, "application/json")
+            .header(http::header::USER_AGENT, USER_AGENT)
             .body(crate::body::full(bytes))
             .map_err(|e| ProxyError::Review(format!("{path}: {e}")))?;
         let response = self.send(request, Exchange::Short).await?;
@@ -222,12 +223,27 @@ impl Upstream {
     }
 }
 
+/// What kache's own requests (its caches' LISTs and WATCHes, discovery,
+/// reviews) say they are, in the API server's audit log and its
+/// `apiserver_request_total{client}`; a client's forwarded request keeps
+/// its own.
+pub const USER_AGENT: &str = concat!("kache/", env!("CARGO_PKG_VERSION"));
+
+/// One of kache's own requests, named [`USER_AGENT`] unless it says otherwise.
+fn own(mut request: Request<()>) -> Request<Body> {
+    request
+        .headers_mut()
+        .entry(http::header::USER_AGENT)
+        .or_insert(http::HeaderValue::from_static(USER_AGENT));
+    request.map(|()| crate::body::empty())
+}
+
 /// The caches' view of the upstream: whole responses for discovery, streams for watches.
 impl kache_cache::upstream::ApiClient for Upstream {
     fn fetch(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<Bytes>, FetchError>> {
         Box::pin(async move {
             let response = self
-                .send(request.map(|()| crate::body::empty()), Exchange::Short)
+                .send(own(request), Exchange::Short)
                 .await
                 .map_err(|e| FetchError(e.to_string()))?;
             let (parts, mut body) = response.into_parts();
@@ -260,13 +276,10 @@ impl kache_cache::upstream::ApiClient for Upstream {
         Box::pin(async move {
             // The head within the usual timeout; then the body for as long as
             // it keeps coming (the API server ends a LIST at its own timeout).
-            let response = tokio::time::timeout(
-                self.timeout,
-                self.send(request.map(|()| crate::body::empty()), Exchange::LongRunning),
-            )
-            .await
-            .map_err(|_| FetchError(format!("no response within {:?}", self.timeout)))?
-            .map_err(|e| FetchError(e.to_string()))?;
+            let response = tokio::time::timeout(self.timeout, self.send(own(request), Exchange::LongRunning))
+                .await
+                .map_err(|_| FetchError(format!("no response within {:?}", self.timeout)))?
+                .map_err(|e| FetchError(e.to_string()))?;
             let (parts, mut body) = response.into_parts();
             loop {
                 let frame = tokio::time::timeout(self.timeout, body.frame())
@@ -285,7 +298,7 @@ impl kache_cache::upstream::ApiClient for Upstream {
     fn stream(&self, request: Request<()>) -> BoxFuture<'_, Result<Response<ByteStream>, FetchError>> {
         Box::pin(async move {
             let response = self
-                .send(request.map(|()| crate::body::empty()), Exchange::LongRunning)
+                .send(own(request), Exchange::LongRunning)
                 .await
                 .map_err(|e| FetchError(e.to_string()))?;
             Ok(response.map(|body| {

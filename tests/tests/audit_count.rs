@@ -89,3 +89,49 @@ fn metrics_count_the_requests_kache_served() {
         "labels verb and code expected: {series}"
     );
 }
+
+#[test]
+fn kaches_own_requests_name_kache_and_forwarded_ones_keep_the_clients_user_agent() {
+    let c = cluster();
+    let ns = TestNamespace::create("audit-agent");
+    let kache = Kache::start(&c.admin_kubeconfig);
+    let mark = c.audit().mark();
+    // The first rv=0 read of configmaps makes kache list and watch them;
+    // the namespace GET is forwarded.
+    let list = format!("/api/v1/namespaces/{}/configmaps?resourceVersion=0", ns.name());
+    kubectl(kache.kubeconfig(), &["get", "--raw", &list]).ok();
+    let path = format!("/api/v1/namespaces/{}", ns.name());
+    kubectl(kache.kubeconfig(), &["get", "--raw", &path]).ok();
+    let events = mark.events_after_sentinel();
+    let own: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            AuditFilter::new()
+                .user("admin")
+                .uri_prefix("/api/v1/configmaps")
+                .matches(e)
+        })
+        .collect();
+    assert!(
+        own.iter().any(|e| e.verb == "list"),
+        "kache's LIST of configmaps: {events:#?}"
+    );
+    for event in &own {
+        assert!(
+            event.user_agent.starts_with("kache/"),
+            "kache's own {} says it is {:?}",
+            event.verb,
+            event.user_agent
+        );
+    }
+    let forwarded: Vec<_> = events
+        .iter()
+        .filter(|e| AuditFilter::new().verb("get").uri(&path).matches(e))
+        .collect();
+    assert_eq!(forwarded.len(), 1, "{events:#?}");
+    assert!(
+        forwarded[0].user_agent.starts_with("kubectl"),
+        "a forwarded request keeps its client's User-Agent: {:?}",
+        forwarded[0].user_agent
+    );
+}
