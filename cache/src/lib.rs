@@ -26,6 +26,7 @@
 
 pub mod atom;
 pub mod discovery;
+pub mod flight;
 pub mod list;
 pub mod list_stream;
 pub mod protobuf;

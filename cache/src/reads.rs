@@ -1042,7 +1042,10 @@ pub async fn prepare_watch(
         (InitialEvents::Legacy, _) | (_, MinVersion::Any) => return Ok(plan),
         (InitialEvents::Nothing, MinVersion::AtLeast(_)) => return Ok(plan),
         (_, MinVersion::AtLeast(rv)) => rv,
-        (_, MinVersion::Latest) => match current_resource_version(client, spec).await {
+        (_, MinVersion::Latest) => match store
+            .latest_version(|| current_resource_version(client, spec))
+            .await
+        {
             Ok(rv) => rv,
             Err(message) => {
                 let status = crate::status::Status::failure(StatusCode::INTERNAL_SERVER_ERROR, &message);

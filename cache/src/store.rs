@@ -517,6 +517,9 @@ pub struct Store {
     /// The API server refused kache's own LIST (401/403): the store will
     /// never sync, and [`Store::wait_for`] says so at once.
     refused: std::sync::atomic::AtomicBool,
+    /// Asking the API server for its current version, shared by
+    /// concurrent streaming lists of the resource.
+    latest: crate::flight::Flight,
 }
 
 /// A point-in-time view for a LIST.
@@ -553,7 +556,22 @@ impl Store {
             backlog: backlog.max(1),
             relist: tokio::sync::Notify::new(),
             refused: std::sync::atomic::AtomicBool::new(false),
+            latest: crate::flight::Flight::default(),
         }
+    }
+
+    /// The API server's current version of the resource, by `fetch` or by
+    /// a concurrent reader's fetch started after this call (see
+    /// [`crate::flight`]).
+    ///
+    /// # Errors
+    /// The fetch's.
+    pub async fn latest_version<F, Fut>(&self, fetch: F) -> Result<u64, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<u64, String>>,
+    {
+        self.latest.get(fetch).await
     }
 
     /// The API server refused to let kache list the resource: the store is
