@@ -82,7 +82,7 @@ fn render(c: &mut Criterion) {
             black_box(body.chunks().map(|chunk| chunk.len()).sum::<usize>())
         })
     });
-    // As the answer goes on the wire: small parts copied into 64 KB chunks.
+    // As the answer goes on the wire: small parts copied into 32 KB chunks.
     group.bench_function("kache_json_batched", |b| {
         b.iter(|| {
             let body = reads::list_body(&all, &spec, &store, Encoding::Json);

@@ -357,7 +357,8 @@ if chaos or status:
         p("|---|---|---:|---:|---:|---:|---|")
         for label, a, b in windows:
             rs = [r for r in records if a <= r["t"] < b]
-            own = [r for r in rs if not r["agent"]]
+            # kache names itself `kache/<version>` (older builds sent no User-Agent).
+            own = [r for r in rs if not r["agent"] or r["agent"].startswith("kache/")]
             fwd = [r for r in rs if r["agent"].startswith("kache-e2e/")]
             own_lists = {}
             for r in own:

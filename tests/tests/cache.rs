@@ -7,7 +7,7 @@
 //! one per kache, as the tests run in parallel), direct ones [`DIRECT_UA`].
 //! kache forwards a client's User-Agent, so an audit line with a kache's
 //! User-Agent is a read that kache did *not* answer from its cache; kache's
-//! own reflector requests carry no User-Agent at all.
+//! own reflector requests say `kache/<version>`.
 //!
 //! Every test but one shares the suite's API server with other test files:
 //! they use namespaces, names, CRD groups and labels of their own, and count
@@ -359,9 +359,10 @@ fn audit_ua(e: &Value) -> &str {
     e["userAgent"].as_str().unwrap_or_default()
 }
 
-/// A request of kache's own (its reflector or discovery): user `admin`, no User-Agent.
+/// A request of kache's own (its reflector or discovery): user `admin`,
+/// User-Agent `kache/<version>`.
 fn by_kache(e: &Value) -> bool {
-    e["user"]["username"] == "admin" && audit_ua(e).is_empty()
+    e["user"]["username"] == "admin" && audit_ua(e).starts_with("kache/")
 }
 
 fn finished(e: &Value) -> bool {
