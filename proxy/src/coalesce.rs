@@ -783,6 +783,34 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
+    /// `n` identical requests gathered into one call, whose body is fed
+    /// through the returned channel: a running call holds them back until
+    /// it completes (its body ends), then theirs is sent.
+    async fn gathered(
+        coalescer: &Coalescer,
+        calls: &Arc<AtomicUsize>,
+        n: usize,
+    ) -> (Chunks, Vec<tokio::task::JoinHandle<Answer>>) {
+        let (blocker, fetch) = streamed(calls);
+        let running = spawn_run(coalescer, key(LIST), fetch);
+        settle().await;
+        let (chunks, fetch) = streamed(calls);
+        let waiters = std::iter::once(spawn_run(coalescer, key(LIST), fetch))
+            .chain((1..n).map(|_| spawn_run(coalescer, key(LIST), counted(calls, Duration::ZERO))))
+            .collect();
+        settle().await;
+        drop(blocker);
+        let _ = running
+            .await
+            .expect("task")
+            .1
+            .expect("response")
+            .into_body()
+            .collect()
+            .await;
+        (chunks, waiters)
+    }
+
     /// A chunk that counts, when the last of its copies is dropped, into `released`.
     fn probe(released: &Arc<AtomicUsize>) -> Bytes {
         struct Probe(Arc<AtomicUsize>, [u8; 8]);
@@ -803,24 +831,7 @@ mod tests {
     async fn a_chunk_is_let_go_of_once_every_waiter_still_reading_took_it() {
         let coalescer = Coalescer::new(CoalesceMetrics::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        // A running call, so that the next three gather into one call.
-        let (blocker, fetch) = streamed(&calls);
-        let running = spawn_run(&coalescer, key(LIST), fetch);
-        settle().await;
-        let (chunks, fetch) = streamed(&calls);
-        let waiters: Vec<_> = std::iter::once(spawn_run(&coalescer, key(LIST), fetch))
-            .chain((0..2).map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::ZERO))))
-            .collect();
-        settle().await;
-        drop(blocker);
-        let _ = running
-            .await
-            .expect("task")
-            .1
-            .expect("response")
-            .into_body()
-            .collect()
-            .await;
+        let (chunks, waiters) = gathered(&coalescer, &calls, 3).await;
         let mut bodies = Vec::new();
         for waiter in waiters {
             bodies.push(waiter.await.expect("task").1.expect("response").into_body());
@@ -867,24 +878,7 @@ mod tests {
     async fn a_waiter_dropping_its_response_mid_body_does_not_disturb_the_others() {
         let coalescer = Coalescer::new(CoalesceMetrics::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        // A running call, so that the next three gather into one call.
-        let (blocker, fetch) = streamed(&calls);
-        let running = spawn_run(&coalescer, key(LIST), fetch);
-        settle().await;
-        let (chunks, fetch) = streamed(&calls);
-        let waiters: Vec<_> = std::iter::once(spawn_run(&coalescer, key(LIST), fetch))
-            .chain((0..2).map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::ZERO))))
-            .collect();
-        settle().await;
-        drop(blocker);
-        let _ = running
-            .await
-            .expect("task")
-            .1
-            .expect("response")
-            .into_body()
-            .collect()
-            .await;
+        let (chunks, waiters) = gathered(&coalescer, &calls, 3).await;
         let mut bodies = Vec::new();
         for waiter in waiters {
             bodies.push(waiter.await.expect("task").1.expect("response").into_body());
@@ -1013,23 +1007,7 @@ mod tests {
     async fn a_body_error_mid_stream_reaches_every_waiter() {
         let coalescer = Coalescer::new(CoalesceMetrics::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        let (blocker, fetch) = streamed(&calls);
-        let running = spawn_run(&coalescer, key(LIST), fetch);
-        settle().await;
-        let (chunks, fetch) = streamed(&calls);
-        let waiters: Vec<_> = std::iter::once(spawn_run(&coalescer, key(LIST), fetch))
-            .chain((0..3).map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::ZERO))))
-            .collect();
-        settle().await;
-        drop(blocker);
-        let _ = running
-            .await
-            .expect("task")
-            .1
-            .expect("response")
-            .into_body()
-            .collect()
-            .await;
+        let (chunks, waiters) = gathered(&coalescer, &calls, 4).await;
         chunks
             .send(Ok(Bytes::from_static(b"{\"items\":[")))
             .expect("send");
@@ -1047,23 +1025,7 @@ mod tests {
     async fn waiters_receive_the_first_chunk_before_the_upstream_body_has_finished() {
         let coalescer = Coalescer::new(CoalesceMetrics::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        let (blocker, fetch) = streamed(&calls);
-        let running = spawn_run(&coalescer, key(LIST), fetch);
-        settle().await;
-        let (chunks, fetch) = streamed(&calls);
-        let waiters: Vec<_> = std::iter::once(spawn_run(&coalescer, key(LIST), fetch))
-            .chain((0..2).map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::ZERO))))
-            .collect();
-        settle().await;
-        drop(blocker);
-        let _ = running
-            .await
-            .expect("task")
-            .1
-            .expect("response")
-            .into_body()
-            .collect()
-            .await;
+        let (chunks, waiters) = gathered(&coalescer, &calls, 3).await;
         chunks.send(Ok(Bytes::from_static(b"first"))).expect("send");
         let mut bodies = Vec::new();
         for waiter in waiters {
