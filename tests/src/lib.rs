@@ -308,13 +308,35 @@ impl Cluster {
 
 /// A kube client for the current context of a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> kube::Client {
+    kube::Client::try_from(config_from_kubeconfig(path).await).unwrap()
+}
+
+/// The kube client configuration of a kubeconfig file's current context.
+pub async fn config_from_kubeconfig(path: &Path) -> kube::Config {
     let kubeconfig = kube::config::Kubeconfig::read_from(path)
         .unwrap_or_else(|e| panic!("cannot read kubeconfig {}: {e}", path.display()));
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-            .await
-            .unwrap_or_else(|e| panic!("bad kubeconfig {}: {e}", path.display()));
+    kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("bad kubeconfig {}: {e}", path.display()))
+}
+
+/// A kube client for `config` whose requests say `User-Agent: user_agent`
+/// (so that the audit log tells them apart), without retries.
+pub fn client_with_user_agent(mut config: kube::Config, user_agent: &str) -> kube::Client {
+    config.default_retry = false;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_str(user_agent).unwrap(),
+    ));
     kube::Client::try_from(config).unwrap()
+}
+
+/// `metadata.resourceVersion` of an object or list as a number (0 if absent).
+pub fn rv_of(v: &Value) -> u64 {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn pem_to_der(pem: &str) -> Vec<u8> {
@@ -567,11 +589,7 @@ impl Kache {
     /// A kube client for this proxy presenting the credentials (token or
     /// client certificate) of a kubeconfig of the test cluster.
     pub async fn client_as(&self, kubeconfig: &Path) -> kube::Client {
-        let file = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-        let mut config =
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-                .await
-                .unwrap();
+        let mut config = config_from_kubeconfig(kubeconfig).await;
         config.cluster_url = self.url().parse().unwrap();
         config.root_cert = self
             .tls_ca

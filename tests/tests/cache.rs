@@ -22,12 +22,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
+use http::header::{ACCEPT, CONTENT_TYPE};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kache_tests::{
-    cluster, http_get, kubectl, metric, target_dir, unique_name, write_json, AuditLog, AuditMark, Kache,
-    OwnCluster, TestNamespace,
+    client_with_user_agent, cluster, config_from_kubeconfig, http_get, kubectl, metric, rv_of, target_dir,
+    unique_name, write_json, AuditLog, AuditMark, Kache, OwnCluster, TestNamespace,
 };
 use kube::api::Api;
 use kube::client::Body;
@@ -49,14 +49,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------- clients ----
 
-fn client_with_user_agent(mut config: kube::Config, user_agent: &str) -> kube::Client {
-    config.default_retry = false;
-    config
-        .headers
-        .push((USER_AGENT, HeaderValue::from_str(user_agent).unwrap()));
-    kube::Client::try_from(config).unwrap()
-}
-
 /// The User-Agent of this test's requests through `kache`.
 fn via_user_agent(kache: &Kache) -> String {
     format!("{VIA_UA}/{}", kache.addr().port())
@@ -72,12 +64,7 @@ fn via_client(kache: &Kache) -> kube::Client {
 
 /// A client of the API server with a kubeconfig's credentials, User-Agent [`DIRECT_UA`].
 async fn direct_client(kubeconfig: &Path) -> kube::Client {
-    let file = kube::config::Kubeconfig::read_from(kubeconfig)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", kubeconfig.display()));
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
-    client_with_user_agent(config, DIRECT_UA)
+    client_with_user_agent(config_from_kubeconfig(kubeconfig).await, DIRECT_UA)
 }
 
 /// The same request asked of kache and of the API server.
@@ -144,14 +131,6 @@ async fn get(client: &kube::Client, path: &str, headers: &[(&str, &str)]) -> Rep
 /// A JSON write straight to the API server (see [`write_json`]).
 async fn write(client: &kube::Client, method: &str, path: &str, body: Option<&Value>) -> Value {
     write_json(client, method, path, body).await
-}
-
-/// `metadata.resourceVersion` as a number (0 if absent).
-fn rv_of(v: &Value) -> u64 {
-    v["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 fn name_of(v: &Value) -> &str {

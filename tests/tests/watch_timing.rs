@@ -27,9 +27,12 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONTENT_TYPE, USER_AGENT};
+use http::header::CONTENT_TYPE;
 use http_body_util::BodyExt;
-use kache_tests::{cluster, metric, write_json, AuditFilter, AuditMark, Gadgets, Kache, TestNamespace};
+use kache_tests::{
+    client_with_user_agent, cluster, config_from_kubeconfig, metric, rv_of, write_json, AuditFilter,
+    AuditMark, Gadgets, Kache, TestNamespace,
+};
 use kube::client::Body;
 use serde_json::{json, Value};
 use tokio::time::Instant;
@@ -39,14 +42,6 @@ use tokio::time::Instant;
 const CONVERGE: Duration = Duration::from_secs(60);
 /// User-Agent of the requests sent straight to the API server.
 const DIRECT_UA: &str = "kache-watch-timing/direct";
-
-fn client_with_user_agent(mut config: kube::Config, user_agent: &str) -> kube::Client {
-    config.default_retry = false;
-    config
-        .headers
-        .push((USER_AGENT, HeaderValue::from_str(user_agent).unwrap()));
-    kube::Client::try_from(config).unwrap()
-}
 
 /// The same requests asked of kache and of the API server.
 struct Sides {
@@ -122,22 +117,11 @@ impl Sides {
 }
 
 async fn direct_client(kubeconfig: &Path) -> kube::Client {
-    let file = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
-    client_with_user_agent(config, DIRECT_UA)
+    client_with_user_agent(config_from_kubeconfig(kubeconfig).await, DIRECT_UA)
 }
 
 async fn get_json(client: &kube::Client, path: &str) -> Value {
     kache_tests::get_json(client, path, CONVERGE).await
-}
-
-fn rv_of(v: &Value) -> u64 {
-    v["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 fn item_names(list: &Value) -> BTreeSet<&str> {

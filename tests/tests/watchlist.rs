@@ -29,10 +29,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
+use http::header::{ACCEPT, CONTENT_TYPE};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kache_tests::{cluster, metric, write_json, AuditMark, Gadgets, Kache, TestNamespace};
+use kache_tests::{
+    client_with_user_agent, cluster, config_from_kubeconfig, metric, rv_of, write_json, AuditMark, Gadgets,
+    Kache, TestNamespace,
+};
 use kube::api::Api;
 use kube::client::Body;
 use kube::runtime::watcher;
@@ -46,20 +49,8 @@ const DIRECT_UA: &str = "kache-watchlist/direct";
 const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
 const INITIAL_EVENTS_END: &str = "k8s.io/initial-events-end";
 
-fn client_with_user_agent(mut config: kube::Config, user_agent: &str) -> kube::Client {
-    config.default_retry = false;
-    config
-        .headers
-        .push((USER_AGENT, HeaderValue::from_str(user_agent).unwrap()));
-    kube::Client::try_from(config).unwrap()
-}
-
 async fn direct_client(kubeconfig: &Path) -> kube::Client {
-    let file = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .unwrap();
-    client_with_user_agent(config, DIRECT_UA)
+    client_with_user_agent(config_from_kubeconfig(kubeconfig).await, DIRECT_UA)
 }
 
 /// A client of `kache` with a User-Agent of its own (returned too).
@@ -73,13 +64,6 @@ fn client_via(kache: &Kache, who: &str) -> (kube::Client, String) {
 
 async fn get_json(client: &kube::Client, path: &str) -> Value {
     kache_tests::get_json(client, path, CONVERGE).await
-}
-
-fn rv_of(v: &Value) -> u64 {
-    v["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 /// name → resourceVersion of a list's items.
