@@ -400,7 +400,7 @@ impl<'a> ListReading<'a> {
             } => splitter.feed(&chunk, |item| {
                 let object = spec
                     .object_with(with_type_meta(type_meta, item), paths)
-                    .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
+                    .map_err(|e| list_failed(spec, e))?;
                 objects.push(object);
                 Ok(())
             }),
@@ -418,7 +418,7 @@ impl<'a> ListReading<'a> {
                     // chunk it arrived in alive.
                     let object = spec
                         .protobuf_object(Bytes::copy_from_slice(&item))
-                        .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
+                        .map_err(|e| list_failed(spec, e))?;
                     objects.push(object);
                     Ok::<(), FetchError>(())
                 });
@@ -438,12 +438,10 @@ impl<'a> ListReading<'a> {
                 objects,
                 ..
             } => {
-                let rest: ListHead = serde_json::from_slice(splitter.rest())
-                    .map_err(|e| FetchError(format!("LIST {}: {e}", spec.collection_path())))?;
-                let resource_version =
-                    parse_resource_version(&rest.metadata.resource_version).ok_or_else(|| {
-                        FetchError(format!("LIST {}: no resourceVersion", spec.collection_path()))
-                    })?;
+                let rest: ListHead =
+                    serde_json::from_slice(splitter.rest()).map_err(|e| list_failed(spec, e))?;
+                let resource_version = parse_resource_version(&rest.metadata.resource_version)
+                    .ok_or_else(|| list_failed(spec, "no resourceVersion"))?;
                 Ok((objects, resource_version))
             }
             ListReading::Protobuf {
@@ -452,21 +450,25 @@ impl<'a> ListReading<'a> {
                 objects,
                 broken,
             } => {
-                let failed =
-                    |e: &dyn std::fmt::Display| FetchError(format!("LIST {}: {e}", spec.collection_path()));
                 if let Some(error) = broken {
                     return Err(error);
                 }
-                let meta = splitter.finish().map_err(|e| failed(&e))?;
+                let meta = splitter.finish().map_err(|e| list_failed(spec, e))?;
                 let mut list = Vec::with_capacity(meta.len() + 8);
                 crate::protobuf::put_field(&mut list, 1, &meta);
-                let (resource_version, _) = crate::protobuf::list_items(&list).map_err(|e| failed(&e))?;
-                let resource_version =
-                    parse_resource_version(&resource_version).ok_or_else(|| failed(&"no resourceVersion"))?;
+                let (resource_version, _) =
+                    crate::protobuf::list_items(&list).map_err(|e| list_failed(spec, e))?;
+                let resource_version = parse_resource_version(&resource_version)
+                    .ok_or_else(|| list_failed(spec, "no resourceVersion"))?;
                 Ok((objects, resource_version))
             }
         }
     }
+}
+
+/// What went wrong reading the resource's LIST.
+fn list_failed(spec: &ResourceSpec, error: impl std::fmt::Display) -> FetchError {
+    FetchError(format!("LIST {}: {error}", spec.collection_path()))
 }
 
 /// `{"kind":…,"apiVersion":…,` of the resource's objects.
