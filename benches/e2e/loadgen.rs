@@ -35,17 +35,11 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use kache_benches::{cpu_seconds, fields, Http, Target};
 use serde_json::{json, Value};
 
 mod authz;
 mod restarts;
-
-type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Parser)]
 #[command(name = "kache-e2e", about = "load generator for kache's end-to-end benchmark")]
@@ -71,24 +65,6 @@ enum Command {
     EtcdCompact(restarts::EtcdCompact),
     Informers(restarts::Informers),
     Chaos(restarts::Chaos),
-}
-
-/// Where to send requests.
-#[derive(Args, Clone)]
-struct Target {
-    /// Base URL: `https://127.0.0.1:PORT` (API server) or `http://127.0.0.1:PORT`
-    /// (kache, or the nginx that serves kache's answers in `run.sh`; with `--no-auth`).
-    #[arg(long)]
-    url: String,
-    /// CA certificate (PEM) for an https URL.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Bearer token (from the environment only).
-    #[arg(skip = std::env::var("BENCH_TOKEN").ok())]
-    token: Option<String>,
-    /// Send `Authorization` (off for kache in local mode, which drops it anyway).
-    #[arg(long)]
-    no_auth: bool,
 }
 
 #[derive(Args)]
@@ -217,69 +193,6 @@ fn main() -> Result<()> {
 
 // ---------------------------------------------------------------- HTTP
 
-impl Target {
-    fn check(&self) -> Result<()> {
-        let uri: http::Uri = self.url.parse().context("--url")?;
-        match uri.host() {
-            Some("127.0.0.1" | "localhost" | "[::1]" | "::1") => Ok(()),
-            other => bail!("refusing a non-loopback target {other:?}"),
-        }
-    }
-
-    /// A client with at most one idle connection: one per worker, so each
-    /// worker keeps its own connection (HTTP/1.1, like many clients).
-    fn client(&self) -> Result<Http> {
-        self.check()?;
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &self.ca {
-            for cert in
-                CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
-            {
-                roots.add(cert?)?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build();
-        Ok(Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .build(connector))
-    }
-
-    fn request(
-        &self,
-        method: Method,
-        path: &str,
-        accept: Option<&str>,
-        body: Option<Vec<u8>>,
-    ) -> Result<Request<Full<Bytes>>> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(format!("{}{}", self.url.trim_end_matches('/'), path))
-            .header(header::USER_AGENT, "kache-e2e/0.1")
-            .header(header::ACCEPT_ENCODING, "identity");
-        if let Some(accept) = accept {
-            builder = builder.header(header::ACCEPT, accept);
-        }
-        if let (Some(token), false) = (&self.token, self.no_auth) {
-            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let body = match body {
-            Some(body) => {
-                builder = builder.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(body)
-            }
-            None => Bytes::new(),
-        };
-        Ok(builder.body(Full::new(body))?)
-    }
-}
-
 /// What one exchange returned.
 struct Exchange {
     status: StatusCode,
@@ -393,41 +306,6 @@ fn describe_list(body: &[u8]) -> Value {
 /// A fingerprint of a whole body (FNV-1a): equal for byte-identical answers.
 fn body_hash(body: &[u8]) -> String {
     format!("{:016x}", fnv(FNV_OFFSET, body))
-}
-
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = buf.split_first()?;
-        *buf = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// Calls `f(field, bytes)` for each length-delimited field of a message; skips varints and fixed.
-fn fields<'a>(mut buf: &'a [u8], mut f: impl FnMut(u64, &'a [u8])) -> Option<()> {
-    while !buf.is_empty() {
-        let key = varint(&mut buf)?;
-        match key & 7 {
-            0 => {
-                varint(&mut buf)?;
-            }
-            1 => buf = buf.get(8..)?,
-            2 => {
-                let len = usize::try_from(varint(&mut buf)?).ok()?;
-                let (value, rest) = (buf.get(..len)?, buf.get(len..)?);
-                f(key >> 3, value);
-                buf = rest;
-            }
-            5 => buf = buf.get(4..)?,
-            _ => return None,
-        }
-    }
-    Some(())
 }
 
 /// `runtime.Unknown{typeMeta=1{apiVersion=1, kind=2}, raw=2}`; raw is the list: items = field 2.
@@ -851,17 +729,6 @@ impl RssSampler {
             .collect();
         Value::Object(out)
     }
-}
-
-fn cpu_seconds(pid: &str) -> Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // USER_HZ is 100 on Linux.
-    Ok((ticks(11) + ticks(12)) / 100.0)
 }
 
 /// kache's `http_requests_total` summed by `outcome` (cache, coalesced, forwarded, …).

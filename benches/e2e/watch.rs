@@ -40,19 +40,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use http::{header, Method, Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use kache_benches::{cpu_seconds, fields, Http, Target};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Barrier, Semaphore};
-
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-type Http = Client<Connector, Full<Bytes>>;
 
 /// The annotation each change sets: its id (`cell * CELL_IDS + index`).
 const CHANGE_ANNOTATION: &str = "kache-bench/change";
@@ -83,23 +78,6 @@ enum Command {
     Setup(Setup),
     Fanout(Fanout),
     Sync(Sync),
-}
-
-/// Where to send requests.
-#[derive(Args, Clone)]
-struct Target {
-    /// Base URL: `https://127.0.0.1:PORT` (API server) or `http://127.0.0.1:PORT` (kache).
-    #[arg(long)]
-    url: String,
-    /// CA certificate (PEM) for an https URL.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// Bearer token (from the environment only).
-    #[arg(skip = std::env::var("BENCH_TOKEN").ok())]
-    token: Option<String>,
-    /// Send no `Authorization` (kache in local mode drops it anyway).
-    #[arg(long)]
-    no_auth: bool,
 }
 
 /// The API server itself, as admin (`BENCH_TOKEN`): writes, `/metrics`, reference LISTs.
@@ -246,7 +224,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::PodWatches(c) => {
                 let api = c.target();
-                let client = Target::client(&api.connector()?);
+                let client = Target::client_on(&api.connector()?);
                 Ok(json!({"podWatches": apiserver_pod_watches(&client, &api).await?}))
             }
             Command::Setup(c) => setup(c).await,
@@ -259,74 +237,6 @@ fn main() -> Result<()> {
 }
 
 // ---------------------------------------------------------------- HTTP
-
-impl Target {
-    fn check(&self) -> Result<()> {
-        let uri: http::Uri = self.url.parse().context("--url")?;
-        match uri.host() {
-            Some("127.0.0.1" | "localhost" | "[::1]" | "::1") => Ok(()),
-            other => bail!("refusing a non-loopback target {other:?}"),
-        }
-    }
-
-    /// The connector every client of this target shares (one TLS
-    /// configuration, so later handshakes resume sessions).
-    fn connector(&self) -> Result<Connector> {
-        self.check()?;
-        let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &self.ca {
-            for cert in
-                CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {}", ca.display()))?
-            {
-                roots.add(cert?)?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build())
-    }
-
-    /// A client that keeps one connection: HTTP/1.1, one per watcher.
-    fn client(connector: &Connector) -> Http {
-        Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .build(connector.clone())
-    }
-
-    fn request(
-        &self,
-        method: Method,
-        path: &str,
-        accept: Option<&str>,
-        body: Option<(&'static str, Vec<u8>)>,
-        agent: &str,
-    ) -> Result<Request<Full<Bytes>>> {
-        let mut builder = Request::builder()
-            .method(method)
-            .uri(format!("{}{}", self.url.trim_end_matches('/'), path))
-            .header(header::USER_AGENT, agent)
-            .header(header::ACCEPT_ENCODING, "identity");
-        if let Some(accept) = accept {
-            builder = builder.header(header::ACCEPT, accept);
-        }
-        if let (Some(token), false) = (&self.token, self.no_auth) {
-            builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let body = match body {
-            Some((content_type, body)) => {
-                builder = builder.header(header::CONTENT_TYPE, content_type);
-                Bytes::from(body)
-            }
-            None => Bytes::new(),
-        };
-        Ok(builder.body(Full::new(body))?)
-    }
-}
 
 /// Sends a request and reads the whole body, within `timeout`.
 async fn fetch(
@@ -349,7 +259,7 @@ async fn fetch(
 async fn get_ok(client: &Http, target: &Target, path: &str, accept: Option<&str>) -> Result<Vec<u8>> {
     let (status, body) = fetch(
         client,
-        target.request(Method::GET, path, accept, None, CONTROL_AGENT)?,
+        target.request_as(Method::GET, path, accept, None, CONTROL_AGENT)?,
         Duration::from_secs(120),
     )
     .await?;
@@ -363,18 +273,6 @@ async fn get_ok(client: &Http, target: &Target, path: &str, accept: Option<&str>
 }
 
 // ---------------------------------------------------------------- processes
-
-/// User + system CPU seconds of a process so far (`/proc/PID/stat`).
-fn cpu_seconds(pid: &str) -> Result<f64> {
-    let stat =
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid}"))?;
-    // After the command name (which may hold spaces): utime is field 14, stime 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // USER_HZ is 100 on Linux.
-    Ok((ticks(11) + ticks(12)) / 100.0)
-}
 
 /// A `/proc/PID/status` field in kB (`VmRSS`, `VmHWM`).
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
@@ -615,42 +513,6 @@ fn parse_u64(bytes: &[u8]) -> Option<u64> {
 
 // ---------------------------------------------------------------- protobuf
 
-fn varint(buf: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = buf.split_first()?;
-        *buf = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// Calls `f(field, bytes)` for each length-delimited field of a message;
-/// skips the others. `None` if the message is malformed.
-fn fields<'a>(mut buf: &'a [u8], mut f: impl FnMut(u64, &'a [u8])) -> Option<()> {
-    while !buf.is_empty() {
-        let key = varint(&mut buf)?;
-        match key & 7 {
-            0 => {
-                varint(&mut buf)?;
-            }
-            1 => buf = buf.get(8..)?,
-            2 => {
-                let len = usize::try_from(varint(&mut buf)?).ok()?;
-                let (value, rest) = (buf.get(..len)?, buf.get(len..)?);
-                f(key >> 3, value);
-                buf = rest;
-            }
-            5 => buf = buf.get(4..)?,
-            _ => return None,
-        }
-    }
-    Some(())
-}
-
 fn field(buf: &[u8], number: u64) -> Option<&[u8]> {
     let mut found = None;
     fields(buf, |n, v| {
@@ -871,14 +733,14 @@ fn pod(namespace: &str, index: usize) -> Value {
 async fn setup(c: Setup) -> Result<Value> {
     let api = c.api.target();
     let connector = api.connector()?;
-    let client = Target::client(&connector);
+    let client = Target::client_on(&connector);
     let start = Instant::now();
     let ns = serde_json::to_vec(
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": c.namespace}}),
     )?;
     let (status, body) = fetch(
         &client,
-        api.request(
+        api.request_as(
             Method::POST,
             "/api/v1/namespaces",
             None,
@@ -906,7 +768,7 @@ async fn setup(c: Setup) -> Result<Value> {
             existed.clone(),
             c.namespace.clone(),
         );
-        let client = Target::client(&connector);
+        let client = Target::client_on(&connector);
         let count = c.objects;
         tasks.push(tokio::spawn(async move {
             loop {
@@ -916,7 +778,7 @@ async fn setup(c: Setup) -> Result<Value> {
                 }
                 let body = serde_json::to_vec(&pod(&namespace, i))?;
                 let path = format!("/api/v1/namespaces/{namespace}/pods");
-                let request = api.request(
+                let request = api.request_as(
                     Method::POST,
                     &path,
                     None,
@@ -1071,9 +933,9 @@ async fn open_watcher(
 async fn fanout(c: Fanout) -> Result<Value> {
     let api = c.api.target();
     let api_connector = api.connector()?;
-    let control = Target::client(&api_connector);
+    let control = Target::client_on(&api_connector);
     let via_connector = c.target.connector()?;
-    let via_control = Target::client(&via_connector);
+    let via_control = Target::client_on(&via_connector);
     let admin = c.kache_admin.as_ref().map(|url| Target {
         url: url.clone(),
         ca: None,
@@ -1150,10 +1012,10 @@ async fn fanout(c: Fanout) -> Result<Value> {
     let mut opening = Vec::new();
     let connect_start = Instant::now();
     for _ in 0..c.watchers {
-        let client = Target::client(&via_connector);
-        let request = c
-            .target
-            .request(Method::GET, &watch_path, Some(c.encoding.accept()), None, AGENT)?;
+        let client = Target::client_on(&via_connector);
+        let request =
+            c.target
+                .request_as(Method::GET, &watch_path, Some(c.encoding.accept()), None, AGENT)?;
         let (gate, cell, stop) = (gate.clone(), cell.clone(), stop_rx.clone());
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
@@ -1231,7 +1093,7 @@ async fn fanout(c: Fanout) -> Result<Value> {
             CHANGE_ANNOTATION: id.to_string(),
             SENT_ANNOTATION: sent_epoch.to_string(),
         }}});
-        let request = api.request(
+        let request = api.request_as(
             Method::PATCH,
             &format!("{collection}/{name}"),
             Some("application/json"),
@@ -1620,7 +1482,7 @@ async fn sync_one(client: Http, run: Arc<SyncRun>, mut stop: watch::Receiver<boo
     let outcome: Result<Incoming> = async {
         match mode {
             Mode::Classic => {
-                let request = target.request(
+                let request = target.request_as(
                     Method::GET,
                     &format!("{path}?resourceVersion=0"),
                     Some("application/json"),
@@ -1636,7 +1498,7 @@ async fn sync_one(client: Http, run: Arc<SyncRun>, mut stop: watch::Receiver<boo
                 record.list_after = Some(start.elapsed());
                 let version = scanner.version.context("no resourceVersion in the list")?;
                 (record.keys, record.malformed) = (scanner.keys, scanner.malformed);
-                let request = target.request(
+                let request = target.request_as(
                     Method::GET,
                     &format!("{path}?watch=true&resourceVersion={version}&allowWatchBookmarks=true"),
                     Some("application/json"),
@@ -1648,7 +1510,7 @@ async fn sync_one(client: Http, run: Arc<SyncRun>, mut stop: watch::Receiver<boo
                 Ok(watch)
             }
             Mode::Stream => {
-                let request = target.request(
+                let request = target.request_as(
                     Method::GET,
                     &format!(
                         "{path}?watch=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan\
@@ -1722,7 +1584,7 @@ async fn sync_one(client: Http, run: Arc<SyncRun>, mut stop: watch::Receiver<boo
 
 async fn sync(c: Sync) -> Result<Value> {
     let api = c.api.target();
-    let control = Target::client(&api.connector()?);
+    let control = Target::client_on(&api.connector()?);
     let admin = Target {
         url: c.kache_admin.clone(),
         ca: None,
@@ -1730,7 +1592,7 @@ async fn sync(c: Sync) -> Result<Value> {
         no_auth: true,
     };
     let via_connector = c.target.connector()?;
-    let via_control = Target::client(&via_connector);
+    let via_control = Target::client_on(&via_connector);
 
     // The reference: a consistent LIST straight from the API server, fully parsed.
     let body = get_ok(&control, &api, &c.path, Some("application/json")).await?;
@@ -1842,7 +1704,7 @@ async fn sync(c: Sync) -> Result<Value> {
     let mut tasks = Vec::new();
     for _ in 0..c.syncers {
         tasks.push(tokio::spawn(sync_one(
-            Target::client(&via_connector),
+            Target::client_on(&via_connector),
             run.clone(),
             stop_rx.clone(),
         )));
@@ -1972,7 +1834,7 @@ async fn audit_since(client: &Http, api: &Target, log: &Path, mark: AuditPos) ->
     let path = format!("/api/v1/namespaces/default/configmaps/{name}");
     let (status, _) = fetch(
         client,
-        api.request(Method::GET, &path, None, None, CONTROL_AGENT)?,
+        api.request_as(Method::GET, &path, None, None, CONTROL_AGENT)?,
         Duration::from_secs(30),
     )
     .await?;
