@@ -127,22 +127,33 @@ mod tests {
         }
     }
 
+    /// A caller of `flight` in a task of its own, `fetch` its fetch.
+    fn spawn_get<F, Fut>(flight: &Arc<Flight>, fetch: F) -> tokio::task::JoinHandle<Result<u64, String>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<u64, String>> + Send,
+    {
+        let flight = flight.clone();
+        tokio::spawn(async move { flight.get(fetch).await })
+    }
+
+    /// [`spawn_get`] with a [`numbered`] fetch.
+    fn spawn_numbered(
+        flight: &Arc<Flight>,
+        calls: &Arc<AtomicUsize>,
+    ) -> tokio::task::JoinHandle<Result<u64, String>> {
+        let calls = calls.clone();
+        spawn_get(flight, move || numbered(&calls))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn concurrent_callers_share_the_next_call_never_one_sent_before_they_arrived() {
         let flight = Arc::new(Flight::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        let first = {
-            let (flight, calls) = (flight.clone(), calls.clone());
-            tokio::spawn(async move { flight.get(|| numbered(&calls)).await })
-        };
+        let first = spawn_numbered(&flight, &calls);
         tokio::task::yield_now().await;
         // Twenty more arrive while the first call is on its way.
-        let rest: Vec<_> = (0..20)
-            .map(|_| {
-                let (flight, calls) = (flight.clone(), calls.clone());
-                tokio::spawn(async move { flight.get(|| numbered(&calls)).await })
-            })
-            .collect();
+        let rest: Vec<_> = (0..20).map(|_| spawn_numbered(&flight, &calls)).collect();
         assert_eq!(first.await.expect("task"), Ok(1));
         for caller in rest {
             assert_eq!(
@@ -160,10 +171,7 @@ mod tests {
     async fn an_error_is_shared_like_an_answer() {
         let flight = Arc::new(Flight::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        let blocker = {
-            let (flight, calls) = (flight.clone(), calls.clone());
-            tokio::spawn(async move { flight.get(|| numbered(&calls)).await })
-        };
+        let blocker = spawn_numbered(&flight, &calls);
         tokio::task::yield_now().await;
         let failing = |calls: Arc<AtomicUsize>| async move {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -172,8 +180,8 @@ mod tests {
         };
         let waiters: Vec<_> = (0..3)
             .map(|_| {
-                let (flight, calls) = (flight.clone(), calls.clone());
-                tokio::spawn(async move { flight.get(|| failing(calls)).await })
+                let calls = calls.clone();
+                spawn_get(&flight, move || failing(calls))
             })
             .collect();
         assert_eq!(blocker.await.expect("task"), Ok(1));
@@ -187,15 +195,9 @@ mod tests {
     async fn a_call_whose_caller_left_is_started_again_by_the_next() {
         let flight = Arc::new(Flight::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        let abandoned = {
-            let flight = flight.clone();
-            tokio::spawn(async move { flight.get(std::future::pending::<Result<u64, String>>).await })
-        };
+        let abandoned = spawn_get(&flight, std::future::pending::<Result<u64, String>>);
         tokio::task::yield_now().await;
-        let waiter = {
-            let (flight, calls) = (flight.clone(), calls.clone());
-            tokio::spawn(async move { flight.get(|| numbered(&calls)).await })
-        };
+        let waiter = spawn_numbered(&flight, &calls);
         tokio::task::yield_now().await;
         abandoned.abort();
         assert_eq!(
