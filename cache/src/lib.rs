@@ -25,6 +25,7 @@
 //! same vocabulary and lets the parser be tested and fuzzed on its own.
 
 pub mod atom;
+pub mod chunk;
 pub mod discovery;
 pub mod flight;
 pub mod list;

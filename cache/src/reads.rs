@@ -29,6 +29,7 @@ use http::{Response, StatusCode};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use crate::chunk::{Chunk, ChunkStream, MAX_SLICES};
 use crate::list::ListBody;
 use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
@@ -37,7 +38,7 @@ use crate::store::{
     parse_resource_version, Encoding, Event, EventType, FrameKind, Notice, Object, Store, WatchError,
     WatchStart,
 };
-use crate::upstream::{ByteStream, FetchError};
+use crate::upstream::FetchError;
 
 /// Why a read is forwarded rather than answered from the cache (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -638,7 +639,12 @@ fn response(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response<B
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Objects(pub usize);
 
-pub fn list(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> Response<ByteStream> {
+pub fn list(
+    plan: &ReadPlan,
+    spec: &ResourceSpec,
+    store: &Store,
+    encoding: Encoding,
+) -> Response<ChunkStream> {
     let body = list_body(plan, spec, store, encoding);
     let objects = body.objects();
     let mut response = body.into_response();
@@ -792,7 +798,7 @@ pub fn watch(
     encoding: Encoding,
     settings: &WatchSettings,
     on_end: impl FnOnce() + Send + 'static,
-) -> Result<Response<ByteStream>, WatchError> {
+) -> Result<Response<ChunkStream>, WatchError> {
     let (bookmarks, timeout, initial_events) = match &plan.kind {
         ReadKind::Watch {
             bookmarks,
@@ -826,7 +832,7 @@ pub fn watch(
         Err(error) => return Err(error),
     };
     let timeout = timeout.unwrap_or_else(|| jittered(settings.default_timeout));
-    let (tx, rx) = mpsc::channel::<Result<Bytes, FetchError>>(settings.buffer.max(3));
+    let (tx, rx) = mpsc::channel::<Chunk>(settings.buffer.max(1));
     let interval = settings.bookmark_interval;
     let frames = Frames {
         encoding,
@@ -870,7 +876,7 @@ pub fn watch(
         for object in state {
             if in_scope(&plan, &object)
                 && matches(&plan, &object)
-                && !out.deliver_all(frames.added(&object), &feed).await
+                && !out.deliver(frames.added(&object), &feed).await
             {
                 return;
             }
@@ -952,12 +958,30 @@ pub fn watch(
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    Ok(watch_response(Box::pin(stream), encoding))
+    Ok(watch_response(Box::pin(queued_frames(rx)), encoding))
 }
 
+/// A watch's frames as they are queued: whatever is queued when the client
+/// takes more goes out as one chunk (one write for a client that fell a
+/// little behind, or a replay), up to [`MAX_SLICES`] slices.
+fn queued_frames(rx: mpsc::Receiver<Chunk>) -> impl futures::Stream<Item = Result<Chunk, FetchError>> + Send {
+    futures::stream::unfold(rx, |mut rx| async move {
+        let mut chunk = rx.recv().await?;
+        while chunk.slice_count() + FRAME_SLICES <= MAX_SLICES {
+            match rx.try_recv() {
+                Ok(more) => chunk.append(more),
+                Err(_) => break,
+            }
+        }
+        Some((Ok(chunk), rx))
+    })
+}
+
+/// The most slices one frame has (an ADDED frame from memory).
+const FRAME_SLICES: usize = 3;
+
 /// A watch's `200` answer: its stream of frames.
-fn watch_response(stream: ByteStream, encoding: Encoding) -> Response<ByteStream> {
+fn watch_response(stream: ChunkStream, encoding: Encoding) -> Response<ChunkStream> {
     let mut response = Response::new(stream);
     let content_type = match encoding {
         Encoding::Json => "application/json",
@@ -975,7 +999,7 @@ fn watch_response(stream: ByteStream, encoding: Encoding) -> Response<ByteStream
 
 /// A watch that fails once started, as the cacher's `newErrWatcher`: `200`,
 /// one ERROR event carrying the Status, then the end of the stream.
-fn error_watch(status: &crate::status::Status<'_>, encoding: Encoding) -> Response<ByteStream> {
+fn error_watch(status: &crate::status::Status<'_>, encoding: Encoding) -> Response<ChunkStream> {
     let frame = match encoding {
         Encoding::Json => {
             let mut object = status.to_json();
@@ -992,7 +1016,10 @@ fn error_watch(status: &crate::status::Status<'_>, encoding: Encoding) -> Respon
             crate::protobuf::watch_frame("ERROR", "v1", "Status", raw)
         }
     };
-    watch_response(Box::pin(futures::stream::iter([Ok(frame)])), encoding)
+    watch_response(
+        Box::pin(futures::stream::iter([Ok(Chunk::from(frame))])),
+        encoding,
+    )
 }
 
 /// The annotation that marks the BOOKMARK ending a streaming list's initial
@@ -1033,7 +1060,7 @@ pub async fn prepare_watch(
     encoding: Encoding,
     client: &dyn crate::upstream::ApiClient,
     fresh_timeout: Duration,
-) -> Result<ReadPlan, Response<ByteStream>> {
+) -> Result<ReadPlan, Response<ChunkStream>> {
     let initial_events = match plan.kind {
         ReadKind::Watch { initial_events, .. } => initial_events,
         _ => return Ok(plan),
@@ -1138,7 +1165,7 @@ fn far_future(now: Instant) -> Instant {
 
 /// Where a watch's frames go: the client's stream, until the watch's deadline.
 struct Outbox {
-    tx: mpsc::Sender<Result<Bytes, FetchError>>,
+    tx: mpsc::Sender<Chunk>,
     deadline: Instant,
     /// Notices a watcher may leave untaken before it has fallen behind.
     backlog: usize,
@@ -1150,40 +1177,26 @@ impl Outbox {
     /// waiting, or the client stopped reading for so long that the notices
     /// waiting for this watcher fill its share of the broadcast (it is ended
     /// as the cacher ends a watcher it cannot hand an event to, and the
-    /// client resumes or relists).
-    async fn deliver(&self, frame: Bytes, feed: &broadcast::Receiver<Notice>) -> bool {
-        self.deliver_all([frame], feed).await
-    }
-
-    /// [`Outbox::deliver`] for a frame in parts, queued together (a watch
-    /// that ends while waiting never leaves half a frame).
-    async fn deliver_all<const N: usize>(
-        &self,
-        parts: [Bytes; N],
-        feed: &broadcast::Receiver<Notice>,
-    ) -> bool {
-        match self.tx.try_reserve_many(N) {
-            Ok(permits) => {
-                permits
-                    .zip(parts)
-                    .for_each(|(permit, part)| permit.send(Ok(part)));
-                return true;
-            }
-            Err(mpsc::error::TrySendError::Closed(())) => return false,
-            Err(mpsc::error::TrySendError::Full(())) => {}
-        }
-        let mut parts = Some(parts);
+    /// client resumes or relists). A frame in parts is queued whole: a
+    /// watch that ends while waiting never leaves half a frame.
+    async fn deliver(&self, frame: impl Into<Chunk>, feed: &broadcast::Receiver<Notice>) -> bool {
+        let frame = frame.into();
+        let frame = match self.tx.try_send(frame) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                permits = self.tx.reserve_many(N) => {
-                    return match (permits, parts.take()) {
-                        (Ok(permits), Some(parts)) => {
-                            permits.zip(parts).for_each(|(permit, part)| permit.send(Ok(part)));
+                permit = self.tx.reserve() => {
+                    return match permit {
+                        Ok(permit) => {
+                            permit.send(frame);
                             true
                         }
-                        _ => false,
+                        Err(_) => false,
                     };
                 }
                 () = tokio::time::sleep(SLOW_CHECK) => {
@@ -1200,7 +1213,7 @@ impl Outbox {
     /// the client is gone.
     fn offer(&self, frame: Bytes) -> bool {
         !matches!(
-            self.tx.try_send(Ok(frame)),
+            self.tx.try_send(Chunk::from(frame)),
             Err(mpsc::error::TrySendError::Closed(_))
         )
     }
@@ -1295,9 +1308,9 @@ struct Frames {
 impl Frames {
     /// An ADDED frame for `object` in three parts: a head, the object's
     /// stored bytes (shared, not copied) and a tail.
-    fn added(&self, object: &Object) -> [Bytes; 3] {
+    fn added(&self, object: &Object) -> Chunk {
         let bytes = object.bytes().clone();
-        match self.encoding {
+        let parts = match self.encoding {
             Encoding::Json => [
                 Bytes::from_static(b"{\"type\":\"ADDED\",\"object\":"),
                 bytes,
@@ -1313,7 +1326,10 @@ impl Frames {
                 bytes,
                 Bytes::from_static(crate::protobuf::ENVELOPE_END),
             ],
-        }
+        };
+        let mut frame = Chunk::default();
+        parts.into_iter().for_each(|part| frame.push(part));
+        frame
     }
 
     fn event(&self, kind: &str, object: &[u8]) -> Bytes {

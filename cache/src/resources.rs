@@ -58,13 +58,14 @@ use prometheus_client::registry::Registry;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::chunk::{Chunk, ChunkStream};
 use crate::discovery::Discovery;
 use crate::reads::{self, Bypass, MinVersion, ReadKind, ReadPlan, WatchSettings};
 use crate::reflector::{self, ReflectorConfig, ResourceSpec};
 use crate::request::RequestInfo;
 use crate::snapshot::{self, Expectation, SnapshotHeader};
 use crate::store::{Encoding, Object, Store, WatchError};
-use crate::upstream::{ApiClient, ByteStream, FetchError};
+use crate::upstream::{ApiClient, FetchError};
 
 /// How long a resource found not cacheable (or evicted) is forwarded before
 /// kache looks again.
@@ -95,7 +96,7 @@ const MISMATCHES_LOGGED: usize = 10;
 /// A cached answer.
 pub enum Answer {
     Full(Response<Bytes>),
-    Stream(Response<ByteStream>),
+    Stream(Response<ChunkStream>),
 }
 
 impl Answer {
@@ -110,8 +111,10 @@ impl Answer {
             Answer::Stream(response) => {
                 use futures::TryStreamExt;
                 let (parts, stream) = response.into_parts();
-                let chunks: Vec<Bytes> = stream.try_collect().await?;
-                Ok(Response::from_parts(parts, Bytes::from(chunks.concat())))
+                let chunks: Vec<Chunk> = stream.try_collect().await?;
+                let mut whole = Chunk::default();
+                chunks.into_iter().for_each(|chunk| whole.append(chunk));
+                Ok(Response::from_parts(parts, whole.into_bytes()))
             }
         }
     }
@@ -1593,6 +1596,8 @@ fn resource_label(group: &str, version: &str, resource: &str) -> String {
 mod tests {
     use std::sync::Mutex;
 
+    use crate::upstream::ByteStream;
+
     use bytes::Bytes;
     use http::{HeaderValue, Request, Response};
 
@@ -1846,7 +1851,7 @@ mod tests {
                 .expect("the initial events")
                 .expect("open")
                 .expect("no error");
-            events += chunk.iter().filter(|b| **b == b'\n').count();
+            events += chunk.into_bytes().iter().filter(|b| **b == b'\n').count();
         }
         assert_eq!(cache.debug_view()["resources"][0]["watchers"], 1);
         cache.sweep();

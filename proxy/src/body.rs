@@ -2,24 +2,27 @@
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use kache_cache::chunk::Chunk;
 
 /// Errors of any body in the pipeline.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A streamed body: the client's request body on its way up, the API server's
-/// response body on its way down, or one of kache's own small answers.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// response body on its way down, an answer from memory (its frames are
+/// [`Chunk`]s of several slices, written with one `writev`), or one of
+/// kache's own small answers.
+pub type Body = UnsyncBoxBody<Chunk, BoxError>;
 
 /// A body of known bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
+    Full::new(Chunk::from(bytes.into()))
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// An empty body.
 pub fn empty() -> Body {
-    Empty::<Bytes>::new()
+    Empty::<Chunk>::new()
         .map_err(|never| match never {})
         .boxed_unsync()
 }
@@ -28,6 +31,17 @@ pub fn empty() -> Body {
 pub fn stream<B>(body: B) -> Body
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_frame(|frame| frame.map_data(Chunk::from))
+        .map_err(Into::into)
+        .boxed_unsync()
+}
+
+/// Boxes a body already in [`Chunk`]s.
+pub fn chunked<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Chunk> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed_unsync()
@@ -63,14 +77,14 @@ impl<B> Counted<B> {
     }
 }
 
-impl<B: http_body::Body<Data = Bytes>> http_body::Body for Counted<B> {
-    type Data = Bytes;
+impl<B: http_body::Body<Data = Chunk>> http_body::Body for Counted<B> {
+    type Data = Chunk;
     type Error = B::Error;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Chunk>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled {
@@ -80,7 +94,8 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for Counted<B> {
                     this.account.upstream_bytes(data.len());
                 }
                 if let Some(events) = this.events {
-                    this.account.sent_objects(events.count(data));
+                    let counted = data.slices().map(|slice| events.count(slice)).sum();
+                    this.account.sent_objects(counted);
                 }
             }
         }
@@ -186,14 +201,14 @@ impl<B> EndAtShutdown<B> {
     }
 }
 
-impl<B: http_body::Body<Data = Bytes>> http_body::Body for EndAtShutdown<B> {
-    type Data = Bytes;
+impl<B: http_body::Body> http_body::Body for EndAtShutdown<B> {
+    type Data = B::Data;
     type Error = B::Error;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         let this = self.project();
         if *this.ended || this.shutdown.as_mut().poll(cx).is_ready() {
             *this.ended = true;

@@ -442,7 +442,7 @@ async fn send(progress: &watch::Sender<CallState>, fetch: Fetch) {
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) if data.is_empty() => {}
-                Ok(data) => progress.send_modify(|state| state.push(data)),
+                Ok(data) => progress.send_modify(|state| state.push(data.into_bytes())),
                 Err(frame) => trailers = frame.into_trailers().ok(),
             },
             Some(Err(error)) => {
@@ -721,7 +721,7 @@ mod tests {
         let second = spawn_run(&coalescer, key(LIST), counted(&calls, Duration::ZERO));
         chunks.send(Ok(Bytes::from_static(b"part"))).expect("send");
         let frame = first.frame().await.expect("frame").expect("data");
-        assert_eq!(frame.into_data().expect("data"), "part");
+        assert_eq!(frame.into_data().expect("data").into_bytes(), "part");
         settle().await;
         assert_eq!(
             calls.load(Ordering::SeqCst),
@@ -886,7 +886,7 @@ mod tests {
         chunks.send(Ok(Bytes::from_static(b"one,"))).expect("send");
         let mut quitter = bodies.remove(0);
         let frame = quitter.frame().await.expect("frame").expect("data");
-        assert_eq!(frame.into_data().expect("data"), "one,");
+        assert_eq!(frame.into_data().expect("data").into_bytes(), "one,");
         drop(quitter);
         chunks.send(Ok(Bytes::from_static(b"two"))).expect("send");
         drop(chunks);
@@ -1015,7 +1015,7 @@ mod tests {
         for waiter in waiters {
             let mut body = waiter.await.expect("task").1.expect("response").into_body();
             let frame = body.frame().await.expect("frame").expect("data");
-            assert_eq!(frame.into_data().expect("data"), "{\"items\":[");
+            assert_eq!(frame.into_data().expect("data").into_bytes(), "{\"items\":[");
             let error = body.frame().await.expect("frame").expect_err("an error");
             assert_eq!(error.to_string(), "connection reset");
         }
@@ -1035,7 +1035,7 @@ mod tests {
                 .expect("the first chunk arrives while upstream is still sending")
                 .expect("frame")
                 .expect("data");
-            assert_eq!(frame.into_data().expect("data"), "first");
+            assert_eq!(frame.into_data().expect("data").into_bytes(), "first");
             bodies.push(body);
         }
         chunks.send(Ok(Bytes::from_static(b" second"))).expect("send");

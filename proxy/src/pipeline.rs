@@ -118,7 +118,7 @@ impl Pipeline {
                 });
                 let account = Arc::clone(account);
                 response.map(|body| {
-                    crate::body::stream(crate::body::Counted::new(body, account, upstream, events))
+                    crate::body::chunked(crate::body::Counted::new(body, account, upstream, events))
                 })
             }
             None => response,
@@ -457,7 +457,7 @@ impl Pipeline {
             return response;
         }
         let shutdown = self.shutdown.clone();
-        response.map(|body| crate::body::stream(crate::body::EndAtShutdown::new(body, shutdown)))
+        response.map(|body| crate::body::chunked(crate::body::EndAtShutdown::new(body, shutdown)))
     }
 
     /// The API server reads a resource write's body up to its limit
@@ -581,7 +581,7 @@ fn answer_response(answer: Answer) -> Response<Body> {
             let frames = stream
                 .map_ok(Frame::data)
                 .map_err(|e| -> BoxError { Box::new(e) });
-            crate::body::stream(StreamBody::new(frames))
+            crate::body::chunked(StreamBody::new(frames))
         }),
     }
 }

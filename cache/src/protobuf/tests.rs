@@ -383,7 +383,7 @@ async fn served_watches_send_the_api_servers_frames() {
             .expect("in time")
             .expect("open")
             .expect("chunk");
-        got.extend_from_slice(&chunk);
+        got.extend_from_slice(&chunk.into_bytes());
     }
     assert_eq!(got, stream[..expected_len]);
 }

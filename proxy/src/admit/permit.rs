@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use kache_cache::chunk::Chunk;
 use kache_config::EXEMPT_CLASS;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Instant;
@@ -125,13 +125,13 @@ pub(super) struct PermitBody {
 }
 
 impl http_body::Body for PermitBody {
-    type Data = Bytes;
+    type Data = Chunk;
     type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Chunk>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         let ended = match &polled {

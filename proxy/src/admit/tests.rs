@@ -277,7 +277,7 @@ async fn a_permit_held_by_a_body_is_released_at_the_end_of_the_body() {
     let mut body = permit.attach(crate::body::full("{}"));
     assert_eq!(counts(&limiter, DEFAULT_CLASS).0, 1);
     let frame = body.frame().await.expect("a frame").expect("data");
-    assert_eq!(frame.into_data().expect("data"), "{}");
+    assert_eq!(frame.into_data().expect("data").into_bytes(), "{}");
     assert_eq!(
         counts(&limiter, DEFAULT_CLASS),
         (0, 0, 0),
