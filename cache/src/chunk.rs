@@ -6,14 +6,20 @@
 //! buffer per frame costs a pass over every byte of every answer (a
 //! 10,000-pod list is 42 MB); sending each slice as its own body frame costs
 //! a trip through every body layer per slice. A [`Chunk`] is the middle
-//! way: one frame holding up to [`MAX_SLICES`] slices, which hyper hands to
-//! the socket as one `writev` (its HTTP/1 write queue takes any
-//! [`bytes::Buf`] and asks it for its slices). Only the small parts are
-//! copied, see [`Builder`].
+//! way: one frame holding several slices, which hyper hands to the socket
+//! as one `writev` (its HTTP/1 write queue takes any [`bytes::Buf`] and asks
+//! it for its slices, at most [`MAX_SLICES`] at a time).
+//!
+//! A chunk owns its slices ([`Chunk::push`]), or it is a range of a
+//! [`Parts`] array shared by every answer that sends it ([`Chunk::shared`]):
+//! a list assembled once and sent to many clients costs each of them one
+//! reference count per chunk, not one per object.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::ops::Range;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
@@ -23,20 +29,63 @@ use crate::upstream::FetchError;
 /// A streamed answer from memory, chunk by chunk.
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, FetchError>> + Send>>;
 
-/// How many slices a [`Builder`] puts in one chunk: hyper writes at most 64
-/// `iovec`s at once (`MAX_WRITEV_BUFS`), and a chunk goes out in one write.
+/// How many slices hyper writes at once (`MAX_WRITEV_BUFS`): the most a
+/// chunk of shared parts is cut to hold.
 pub const MAX_SLICES: usize = 64;
 
+/// Slices shared by the chunks cut from them; none is empty.
+pub type Parts = Arc<[Bytes]>;
+
 /// Bytes in one or more slices, in order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Chunk {
-    /// The slice being written; empty only if the whole chunk is.
-    first: Bytes,
-    rest: VecDeque<Bytes>,
+    repr: Repr,
     remaining: usize,
 }
 
+#[derive(Debug, Clone)]
+enum Repr {
+    /// `first` is the slice being written; it is empty only if the whole
+    /// chunk is.
+    Owned { first: Bytes, rest: VecDeque<Bytes> },
+    /// `parts[at][offset..]`, then `parts[at + 1..end]`.
+    Shared {
+        parts: Parts,
+        at: usize,
+        end: usize,
+        offset: usize,
+    },
+}
+
+impl Default for Repr {
+    fn default() -> Repr {
+        Repr::Owned {
+            first: Bytes::new(),
+            rest: VecDeque::new(),
+        }
+    }
+}
+
 impl Chunk {
+    /// `parts[range]`, sharing `parts`: nothing copied, one reference taken.
+    pub fn shared(parts: &Parts, range: Range<usize>) -> Chunk {
+        let slices = &parts[range.clone()];
+        debug_assert!(slices.iter().all(|part| !part.is_empty()));
+        Chunk {
+            remaining: slices.iter().map(Bytes::len).sum(),
+            repr: if range.is_empty() {
+                Repr::default()
+            } else {
+                Repr::Shared {
+                    parts: Arc::clone(parts),
+                    at: range.start,
+                    end: range.end,
+                    offset: 0,
+                }
+            },
+        }
+    }
+
     /// How many bytes are left.
     pub fn len(&self) -> usize {
         self.remaining
@@ -48,14 +97,36 @@ impl Chunk {
 
     /// How many slices are left.
     pub fn slice_count(&self) -> usize {
-        usize::from(!self.first.is_empty()) + self.rest.len()
+        match &self.repr {
+            Repr::Owned { first, rest } => usize::from(!first.is_empty()) + rest.len(),
+            Repr::Shared { at, end, .. } => end - at,
+        }
     }
 
     /// The slices left, in order.
-    pub fn slices(&self) -> impl Iterator<Item = &Bytes> {
-        std::iter::once(&self.first)
-            .filter(|first| !first.is_empty())
-            .chain(&self.rest)
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        let (owned, shared) = match &self.repr {
+            Repr::Owned { first, rest } => (Some((first, rest)), None),
+            Repr::Shared {
+                parts,
+                at,
+                end,
+                offset,
+            } => (None, Some((&parts[*at..*end], *offset))),
+        };
+        let owned = owned.into_iter().flat_map(|(first, rest)| {
+            std::iter::once(first)
+                .filter(|first| !first.is_empty())
+                .chain(rest)
+                .map(|slice| &slice[..])
+        });
+        let shared = shared.into_iter().flat_map(|(parts, offset)| {
+            parts
+                .iter()
+                .enumerate()
+                .map(move |(i, part)| if i == 0 { &part[offset..] } else { &part[..] })
+        });
+        owned.chain(shared)
     }
 
     /// Appends `bytes` (nothing copied).
@@ -64,18 +135,25 @@ impl Chunk {
             return;
         }
         self.remaining += bytes.len();
-        if self.first.is_empty() {
-            self.first = bytes;
-        } else {
-            self.rest.push_back(bytes);
+        match &mut self.repr {
+            Repr::Owned { first, rest } => {
+                if first.is_empty() {
+                    *first = bytes;
+                } else {
+                    rest.push_back(bytes);
+                }
+            }
+            Repr::Shared { .. } => {
+                let mut owned = std::mem::take(self).into_owned();
+                owned.push(bytes);
+                *self = owned;
+            }
         }
     }
 
     /// Appends `other`'s slices (nothing copied).
     pub fn append(&mut self, other: Chunk) {
-        let Chunk { first, rest, .. } = other;
-        self.push(first);
-        for slice in rest {
+        for slice in other.into_owned_slices() {
             self.push(slice);
         }
     }
@@ -84,6 +162,35 @@ impl Chunk {
     pub fn into_bytes(mut self) -> Bytes {
         let len = self.remaining;
         self.copy_to_bytes(len)
+    }
+
+    /// The same slices, owned (a reference taken on each).
+    fn into_owned(self) -> Chunk {
+        let mut owned = Chunk::default();
+        for slice in self.into_owned_slices() {
+            owned.push(slice);
+        }
+        owned
+    }
+
+    fn into_owned_slices(self) -> Vec<Bytes> {
+        match self.repr {
+            Repr::Owned { first, rest } => std::iter::once(first).chain(rest).collect(),
+            Repr::Shared {
+                parts,
+                at,
+                end,
+                offset,
+            } => (at..end)
+                .map(|i| {
+                    if i == at {
+                        parts[i].slice(offset..)
+                    } else {
+                        parts[i].clone()
+                    }
+                })
+                .collect(),
+        }
     }
 }
 
@@ -113,18 +220,46 @@ impl Buf for Chunk {
     }
 
     fn chunk(&self) -> &[u8] {
-        &self.first
+        match &self.repr {
+            Repr::Owned { first, .. } => first,
+            Repr::Shared {
+                parts, at, offset, ..
+            } => &parts[*at][*offset..],
+        }
     }
 
     fn advance(&mut self, mut cnt: usize) {
         assert!(cnt <= self.remaining, "advance past the end of a chunk");
         self.remaining -= cnt;
-        while cnt > 0 {
-            let step = cnt.min(self.first.len());
-            self.first.advance(step);
-            cnt -= step;
-            if self.first.is_empty() {
-                self.first = self.rest.pop_front().unwrap_or_default();
+        match &mut self.repr {
+            Repr::Owned { first, rest } => {
+                while cnt > 0 {
+                    let step = cnt.min(first.len());
+                    first.advance(step);
+                    cnt -= step;
+                    if first.is_empty() {
+                        *first = rest.pop_front().unwrap_or_default();
+                    }
+                }
+            }
+            Repr::Shared {
+                parts,
+                at,
+                end,
+                offset,
+            } => {
+                while cnt > 0 {
+                    let step = cnt.min(parts[*at].len() - *offset);
+                    *offset += step;
+                    cnt -= step;
+                    if *offset == parts[*at].len() {
+                        *at += 1;
+                        *offset = 0;
+                    }
+                }
+                if *at == *end {
+                    self.repr = Repr::default();
+                }
             }
         }
     }
@@ -139,104 +274,25 @@ impl Buf for Chunk {
     }
 
     fn copy_to_bytes(&mut self, len: usize) -> Bytes {
-        if len <= self.first.len() {
-            // Within one slice: shared, not copied.
-            self.remaining -= len;
-            let bytes = self.first.split_to(len);
-            if self.first.is_empty() {
-                self.first = self.rest.pop_front().unwrap_or_default();
-            }
-            return bytes;
-        }
         assert!(len <= self.remaining, "copy_to_bytes past the end of a chunk");
+        if let Repr::Owned { first, rest } = &mut self.repr {
+            if len <= first.len() {
+                // Within one slice: shared, not copied.
+                self.remaining -= len;
+                let bytes = first.split_to(len);
+                if first.is_empty() {
+                    *first = rest.pop_front().unwrap_or_default();
+                }
+                return bytes;
+            }
+        }
         let mut out = BytesMut::with_capacity(len);
-        out.extend_from_slice(&self.first);
-        let mut left = len - self.first.len();
-        self.remaining -= self.first.len();
-        self.first = Bytes::new();
-        while left > 0 {
-            let mut slice = self
-                .rest
-                .pop_front()
-                .expect("invariant: remaining counts the slices");
-            let step = left.min(slice.len());
-            out.extend_from_slice(&slice[..step]);
-            slice.advance(step);
-            left -= step;
-            self.remaining -= step;
-            if !slice.is_empty() {
-                self.rest.push_front(slice);
-            }
+        while out.len() < len {
+            let step = (len - out.len()).min(self.chunk().len());
+            out.extend_from_slice(&self.chunk()[..step]);
+            self.advance(step);
         }
-        self.first = self.rest.pop_front().unwrap_or_default();
         out.freeze()
-    }
-}
-
-/// Builds chunks from parts: parts shorter than `copy_below` are copied
-/// together into one slice (a JSON separator is a byte or two, a protobuf
-/// field header a few, and below a kilobyte or so a copy costs less than a
-/// slice of its own); longer ones are kept as they are. A chunk is done at
-/// [`MAX_SLICES`] slices, or once `copied_max` bytes were copied into it:
-/// what a chunk held in a slow client's write queue costs beyond the
-/// stores' own bytes.
-#[derive(Debug)]
-pub struct Builder {
-    chunk: Chunk,
-    /// Small parts copied since the last kept slice; its buffer is shared
-    /// by the slices cut from it.
-    glue: BytesMut,
-    /// Bytes copied into the chunk being built.
-    copied: usize,
-    copy_below: usize,
-    copied_max: usize,
-}
-
-impl Builder {
-    pub fn new(copy_below: usize, copied_max: usize) -> Builder {
-        Builder {
-            chunk: Chunk::default(),
-            glue: BytesMut::new(),
-            copied: 0,
-            copy_below,
-            copied_max,
-        }
-    }
-
-    /// Adds `part`; returns a chunk once one is done.
-    pub fn push(&mut self, part: Bytes) -> Option<Chunk> {
-        if part.len() < self.copy_below {
-            if self.glue.capacity() - self.glue.len() < part.len() {
-                self.glue.reserve(self.copy_below.max(4096).min(self.copied_max));
-            }
-            self.glue.extend_from_slice(&part);
-            self.copied += part.len();
-        } else {
-            self.cut_glue();
-            self.chunk.push(part);
-        }
-        let slices = self.chunk.slice_count() + usize::from(!self.glue.is_empty());
-        // A kept part may be followed by glue: leave it a slot.
-        (slices + 1 >= MAX_SLICES || self.copied >= self.copied_max).then(|| self.take())
-    }
-
-    /// What is left, if anything.
-    pub fn finish(&mut self) -> Option<Chunk> {
-        let chunk = self.take();
-        (!chunk.is_empty()).then_some(chunk)
-    }
-
-    fn cut_glue(&mut self) {
-        if !self.glue.is_empty() {
-            let glue = self.glue.split().freeze();
-            self.chunk.push(glue);
-        }
-    }
-
-    fn take(&mut self) -> Chunk {
-        self.cut_glue();
-        self.copied = 0;
-        std::mem::take(&mut self.chunk)
     }
 }
 
@@ -304,51 +360,38 @@ mod tests {
         assert_eq!(chunk.chunks_vectored(&mut all), 4);
     }
 
-    #[test]
-    fn builder_copies_small_parts_together_and_keeps_large_ones() {
-        let large = Bytes::from(vec![b'x'; 100]);
-        let mut builder = Builder::new(10, 1 << 20);
-        let mut chunks = Vec::new();
-        for _ in 0..200 {
-            chunks.extend(builder.push(Bytes::from_static(b",{")));
-            chunks.extend(builder.push(large.clone()));
-        }
-        chunks.extend(builder.finish());
-        let mut expected = Vec::new();
-        for _ in 0..200 {
-            expected.extend_from_slice(b",{");
-            expected.extend_from_slice(&large);
-        }
-        let sent: Vec<u8> = chunks.iter().flat_map(contents).collect();
-        assert_eq!(sent, expected);
-        for chunk in &chunks {
-            assert!(chunk.slice_count() <= MAX_SLICES, "{}", chunk.slice_count());
-            for slice in chunk.slices() {
-                assert!(
-                    slice.len() == 2 || slice.as_ptr() == large.as_ptr(),
-                    "a large part is kept, not copied"
-                );
-            }
-        }
-        // 400 slices in chunks of at most 64: at least 7 chunks.
-        assert!(chunks.len() >= 7 && chunks.len() <= 8, "{}", chunks.len());
-        assert!(builder.finish().is_none());
+    fn parts_of(parts: &[&'static str]) -> Parts {
+        parts.iter().map(|p| Bytes::from_static(p.as_bytes())).collect()
     }
 
     #[test]
-    fn builder_ends_a_chunk_once_it_copied_enough() {
-        let mut builder = Builder::new(10, 1000);
-        let mut chunks = Vec::new();
-        for _ in 0..1000 {
-            chunks.extend(builder.push(Bytes::from_static(b"abcd")));
+    fn shared_chunks_are_their_range_of_the_parts() {
+        let parts = parts_of(&["abc", "defg", "h", "ij", "klm"]);
+        let whole = b"defghij";
+        for at in 0..=whole.len() {
+            let mut chunk = Chunk::shared(&parts, 1..4);
+            assert_eq!((chunk.len(), chunk.slice_count()), (7, 3));
+            chunk.advance(at);
+            assert_eq!(chunk.remaining(), whole.len() - at);
+            assert_eq!(contents(&chunk), &whole[at..]);
+            assert_eq!(chunk.chunk().first(), whole.get(at));
+            let mut slots = [IoSlice::new(&[]); 8];
+            let n = chunk.chunks_vectored(&mut slots);
+            let written: Vec<u8> = slots[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            assert_eq!(written, &whole[at..]);
         }
-        chunks.extend(builder.finish());
-        let sizes: Vec<usize> = chunks.iter().map(Chunk::len).collect();
-        assert_eq!(sizes.iter().sum::<usize>(), 4000);
-        assert!(sizes[..sizes.len() - 1].iter().all(|&n| n == 1000), "{sizes:?}");
-        assert!(
-            chunks.iter().all(|c| c.slice_count() == 1),
-            "small parts are one slice"
-        );
+        // The slices are the parts' own bytes.
+        let chunk = Chunk::shared(&parts, 1..4);
+        assert_eq!(chunk.slices().next().map(<[u8]>::as_ptr), Some(parts[1].as_ptr()));
+        assert_eq!(Arc::strong_count(&parts), 2, "one reference for the whole chunk");
+        // Copied out across parts, and appended to an owned chunk.
+        let mut copied = Chunk::shared(&parts, 0..5);
+        assert_eq!(copied.copy_to_bytes(5), Bytes::from_static(b"abcde"));
+        assert_eq!(contents(&copied), b"fghijklm");
+        let mut owned = Chunk::from("<");
+        owned.append(copied);
+        owned.push(Bytes::from_static(b">"));
+        assert_eq!(owned.into_bytes(), Bytes::from_static(b"<fghijklm>"));
+        assert!(Chunk::shared(&parts, 2..2).is_empty());
     }
 }

@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
 use crate::chunk::{Chunk, ChunkStream, MAX_SLICES};
-use crate::list::ListBody;
+use crate::list::{Items, ListBody};
 use crate::reflector::ResourceSpec;
 use crate::request::{RequestInfo, Verb};
 use crate::selector::{FieldSelector, LabelSelector};
@@ -655,25 +655,23 @@ pub fn list(
 /// The LIST answer's parts over a snapshot of the store (the objects shared,
 /// not copied: see [`crate::list`]).
 pub fn list_body(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: Encoding) -> ListBody {
-    let namespace = (!plan.namespace.is_empty()).then_some(plan.namespace.as_str());
-    let snapshot = store.snapshot(namespace, |o| matches(plan, o));
+    let unfiltered = plan.namespace.is_empty() && plan.label.is_empty() && plan.field.is_empty();
+    let (items, resource_version) = if unfiltered {
+        store.items()
+    } else {
+        let namespace = (!plan.namespace.is_empty()).then_some(plan.namespace.as_str());
+        let snapshot = store.snapshot(namespace, |o| matches(plan, o));
+        (
+            Arc::new(Items::new(snapshot.objects.iter())),
+            snapshot.resource_version,
+        )
+    };
     let kind = format!("{}List", spec.kind);
     match encoding {
-        Encoding::Protobuf => ListBody::protobuf(
-            &kind,
-            &spec.api_version(),
-            snapshot.resource_version,
-            snapshot.objects,
-        ),
+        Encoding::Protobuf => ListBody::protobuf(&kind, &spec.api_version(), resource_version, items),
         // Custom resources' lists come from the apiextensions server, which
         // always writes an empty `continue`.
-        Encoding::Json => ListBody::json(
-            &kind,
-            &spec.api_version(),
-            snapshot.resource_version,
-            spec.custom,
-            snapshot.objects,
-        ),
+        Encoding::Json => ListBody::json(&kind, &spec.api_version(), resource_version, spec.custom, items),
     }
 }
 

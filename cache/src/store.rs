@@ -43,13 +43,14 @@
 //! told as events: watchers end and the window restarts at the list.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 use crate::atom::{Atom, Pairs};
+use crate::list::Items;
 
 /// A store's key: namespace and name, the object's own atoms.
 type Key = (Atom, Atom);
@@ -503,6 +504,17 @@ struct State {
     /// server (a list, an established watch, an event or a bookmark; frozen
     /// when the watch fails). `None` until it first synced.
     in_sync_at: Option<std::time::Instant>,
+    /// Every object's list items, assembled by the first unfiltered list
+    /// since the objects last changed ([`Store::items`]).
+    items: Mutex<Option<Arc<Items>>>,
+}
+
+impl State {
+    /// The objects changed: their assembled items are let go of (answers
+    /// still sending them keep them until they are done).
+    fn objects_changed(&mut self) {
+        *self.items.get_mut().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 /// One resource's cached state. Readers hold an `Arc<Store>`.
@@ -611,10 +623,16 @@ impl Store {
         self.read().resource_version
     }
 
-    /// Objects held and their bytes.
+    /// Objects held and their bytes (with their assembled list items).
     pub fn size(&self) -> (usize, usize) {
         let state = self.read();
-        (state.objects.len(), state.bytes)
+        let items = state
+            .items
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |items| items.overhead());
+        (state.objects.len(), state.bytes + items)
     }
 
     /// A synced store holding `objects` at `resource_version`, with no writer:
@@ -641,6 +659,7 @@ impl Store {
         if state.listed {
             if let Some(events) = difference(&state.objects, &map, state.resource_version, resource_version) {
                 state.objects = map;
+                state.objects_changed();
                 state.bytes = bytes;
                 state.resource_version = resource_version;
                 state.synced = !state.closed;
@@ -677,6 +696,7 @@ impl Store {
             bytes,
             bookmark,
             in_sync_at: Some(std::time::Instant::now()),
+            items: Mutex::default(),
         };
         drop(state);
         self.version.send_replace(resource_version);
@@ -710,6 +730,7 @@ impl Store {
             bytes,
             bookmark: None,
             in_sync_at: None,
+            items: Mutex::default(),
         };
     }
 
@@ -789,6 +810,7 @@ impl Store {
             EventType::Deleted => state.objects.remove(&key),
             EventType::Added | EventType::Modified => state.objects.insert(key, object.clone()),
         };
+        state.objects_changed();
         if let Some(prev) = &prev {
             state.bytes = state.bytes.saturating_sub(prev.size());
         }
@@ -891,6 +913,20 @@ impl Store {
                 .collect(),
             resource_version: state.resource_version,
         }
+    }
+
+    /// Every object's list items with the store's resourceVersion, for an
+    /// unfiltered list: assembled once and shared by every list until an
+    /// object changes (see [`crate::list`]).
+    pub fn items(&self) -> (Arc<Items>, u64) {
+        let state = self.read();
+        let items = state
+            .items
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(|| Arc::new(Items::new(state.objects.values())))
+            .clone();
+        (items, state.resource_version)
     }
 
     /// One object and the store's resourceVersion.
@@ -1043,6 +1079,37 @@ mod tests {
         let full: serde_json::Value = serde_json::from_slice(o.bytes()).unwrap();
         assert_eq!(full["kind"], "ConfigMap");
         assert_eq!(o.labels.get("app"), Some("web"));
+    }
+
+    #[test]
+    fn list_items_are_assembled_once_until_an_object_changes() {
+        let store = Store::new(100, 16);
+        store.replace(vec![object("a", "x", 2, &[]), object("a", "y", 3, &[])], 3);
+        let (_, objects_only) = store.size();
+        let (items, rv) = store.items();
+        assert_eq!(store.size().1, objects_only + items.overhead(), "counted");
+        assert_eq!((items.count(), rv), (2, 3));
+        let (again, _) = store.items();
+        assert!(Arc::ptr_eq(&items, &again), "shared while nothing changed");
+        store.progress(4);
+        let (after_bookmark, rv) = store.items();
+        assert!(
+            Arc::ptr_eq(&items, &after_bookmark),
+            "a new version alone changes no item"
+        );
+        assert_eq!(rv, 4);
+        store.apply(EventType::Modified, object("a", "x", 5, &[("app", "web")]));
+        let (changed, _) = store.items();
+        assert!(!Arc::ptr_eq(&items, &changed), "assembled again after a change");
+        store.apply(EventType::Deleted, object("a", "y", 6, &[]));
+        assert_eq!(store.items().0.count(), 1);
+        store.replace(vec![object("a", "z", 7, &[])], 7);
+        assert_eq!(store.items().0.count(), 1);
+        assert_eq!(
+            Arc::strong_count(&changed),
+            1,
+            "the store let go of the old items"
+        );
     }
 
     #[test]

@@ -92,8 +92,13 @@ impl Connection {
     }
 
     fn remember(&self, authorization: &HeaderValue, user: &Arc<UserInfo>, until: Instant) {
+        // A copy: a clone would share the buffer hyper read the request head
+        // into, and keep all of it (8 KB or more) for the connection's life.
+        let Ok(authorization) = HeaderValue::from_bytes(authorization.as_bytes()) else {
+            return;
+        };
         *self.last_token.write().unwrap_or_else(PoisonError::into_inner) = Some(RememberedToken {
-            authorization: authorization.clone(),
+            authorization,
             user: user.clone(),
             until,
         });
