@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::sync::watch;
@@ -51,18 +50,7 @@ pub async fn serve<H, F>(
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols::new(&settings));
     // Every connection task holds a clone of `open`; when all are dropped,
     // `closed` yields None: the connections are gone.
     let (open, mut closed) = mpsc::channel::<()>(1);
@@ -102,7 +90,7 @@ pub async fn serve<H, F>(
         };
         stream.set_nodelay(true).ok();
         let settings = settings.clone();
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let handler = handler.clone();
         let open = open.clone();
         let shutdown = shutdown.clone();
@@ -117,35 +105,56 @@ pub async fn serve<H, F>(
                         // Boxed: hyper keeps a slot the size of the service's
                         // future for as long as an HTTP/1 connection is open,
                         // not only while a request runs, and the pipeline's
-                        // future is tens of kilobytes: every idle keep-alive
-                        // connection and every watch would hold that much.
+                        // future is 9 KB: every idle keep-alive connection
+                        // and every watch would hold that much.
                         let response: Pin<Box<dyn Future<Output = Response<Body>> + Send>> =
                             Box::pin(handler(peer, request));
                         async move { Ok::<_, std::convert::Infallible>(response.await) }
                     })
                 };
                 match settings.tls {
-                    None => {
-                        serve_io(
-                            &builder,
-                            shutdown,
-                            stream,
-                            service(Arc::new(Connection::new(None))),
-                        )
-                        .await
-                    }
+                    None => match detect(&stream, settings.header_read_timeout).await {
+                        Some(Version::Http1) => {
+                            let connection = protocols
+                                .http1
+                                .serve_connection(
+                                    TokioIo::new(stream),
+                                    service(Arc::new(Connection::new(None))),
+                                )
+                                .with_upgrades();
+                            drive(connection, shutdown, |c| c.graceful_shutdown()).await;
+                        }
+                        // Boxed, as every state but plain HTTP/1's (the TLS
+                        // handshake, TLS streams, HTTP/2): a connection's
+                        // task is as large as its largest state.
+                        Some(Version::Http2) => {
+                            let connection = protocols.http2.serve_connection(
+                                TokioIo::new(stream),
+                                service(Arc::new(Connection::new(None))),
+                            );
+                            Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
+                        }
+                        None => {}
+                    },
                     Some(acceptor) => {
-                        if let Some(tls) = tls_accept(&acceptor, stream).await {
-                            let certificates = tls
-                                .get_ref()
-                                .1
+                        if let Some(tls) = Box::pin(tls_accept(&acceptor, stream)).await {
+                            let (_, session) = tls.get_ref();
+                            let certificates = session
                                 .peer_certificates()
                                 .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
-                            let connection = Arc::new(Connection::new(certificates));
-                            // Boxed: the task of every connection is as large as
-                            // its largest state, and a TLS stream's is 2.4 KB
-                            // more than a plain one's.
-                            Box::pin(serve_io(&builder, shutdown, tls, service(connection))).await
+                            // HTTP/2 over TLS is chosen by ALPN (RFC 9113 §3.2).
+                            let http2 = session.alpn_protocol() == Some(b"h2");
+                            let service = service(Arc::new(Connection::new(certificates)));
+                            if http2 {
+                                let connection = protocols.http2.serve_connection(TokioIo::new(tls), service);
+                                Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
+                            } else {
+                                let connection = protocols
+                                    .http1
+                                    .serve_connection(TokioIo::new(tls), service)
+                                    .with_upgrades();
+                                Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
+                            }
                         }
                     }
                 }
@@ -186,28 +195,80 @@ async fn tls_accept(
     }
 }
 
-async fn serve_io<I, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    mut shutdown: watch::Receiver<bool>,
-    io: I,
-    service: S,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = std::convert::Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+/// The HTTP versions kache serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    Http1,
+    Http2,
+}
+
+/// The client's first bytes on a cleartext HTTP/2 connection (prior
+/// knowledge, RFC 9113 §3.3).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which HTTP version a cleartext client speaks, from its first bytes,
+/// looked at without taking them (so the connection's own reader gets its
+/// request whole, in one read); `None` if it closes or says nothing in time.
+///
+/// hyper-util's `auto` builder does the same by reading them and handing
+/// them back first, which made every HTTP/1 connection's read buffer grow
+/// to 16 KB on its second read, and sized every connection's task for the
+/// HTTP/2 state as well: 13 KB more per idle connection, per watcher.
+async fn detect(stream: &TcpStream, timeout: Duration) -> Option<Version> {
+    let detect = async {
+        let mut first = [0u8; PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut first).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if first[..n] != PREFACE[..n] {
+                return Some(Version::Http1);
+            }
+            if n == PREFACE.len() {
+                return Some(Version::Http2);
+            }
+            // A part of the preface: peeking again at once would see the
+            // same bytes; let the rest arrive.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(timeout, detect).await.ok().flatten()
+}
+
+/// The HTTP/1 and HTTP/2 connection settings of a listener.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(settings: &ListenerSettings) -> Protocols {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Protocols { http1, http2 }
+    }
+}
+
+/// Serves a connection until it ends; once kache shuts down, it finishes
+/// its in-flight requests and takes no new ones.
+async fn drive<C>(connection: C, mut shutdown: watch::Receiver<bool>, graceful: impl FnOnce(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), hyper::Error>>,
 {
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
-            // Finish in-flight requests, take no new ones.
-            connection.as_mut().graceful_shutdown();
+            graceful(connection.as_mut());
             connection.await
         }
     };
