@@ -830,7 +830,7 @@ pub fn watch(
         Err(error) => return Err(error),
     };
     let timeout = timeout.unwrap_or_else(|| jittered(settings.default_timeout));
-    let (tx, rx) = mpsc::channel::<Chunk>(settings.buffer.max(1));
+    let (tx, rx) = mpsc::channel::<Bytes>(settings.buffer.max(3));
     let interval = settings.bookmark_interval;
     let frames = Frames {
         encoding,
@@ -874,7 +874,7 @@ pub fn watch(
         for object in state {
             if in_scope(&plan, &object)
                 && matches(&plan, &object)
-                && !out.deliver(frames.added(&object), &feed).await
+                && !out.deliver_all(frames.added(&object), &feed).await
             {
                 return;
             }
@@ -962,21 +962,18 @@ pub fn watch(
 /// A watch's frames as they are queued: whatever is queued when the client
 /// takes more goes out as one chunk (one write for a client that fell a
 /// little behind, or a replay), up to [`MAX_SLICES`] slices.
-fn queued_frames(rx: mpsc::Receiver<Chunk>) -> impl futures::Stream<Item = Result<Chunk, FetchError>> + Send {
+fn queued_frames(rx: mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Result<Chunk, FetchError>> + Send {
     futures::stream::unfold(rx, |mut rx| async move {
-        let mut chunk = rx.recv().await?;
-        while chunk.slice_count() + FRAME_SLICES <= MAX_SLICES {
+        let mut chunk = Chunk::from(rx.recv().await?);
+        while chunk.slice_count() < MAX_SLICES {
             match rx.try_recv() {
-                Ok(more) => chunk.append(more),
+                Ok(more) => chunk.push(more),
                 Err(_) => break,
             }
         }
         Some((Ok(chunk), rx))
     })
 }
-
-/// The most slices one frame has (an ADDED frame from memory).
-const FRAME_SLICES: usize = 3;
 
 /// A watch's `200` answer: its stream of frames.
 fn watch_response(stream: ChunkStream, encoding: Encoding) -> Response<ChunkStream> {
@@ -1163,7 +1160,9 @@ fn far_future(now: Instant) -> Instant {
 
 /// Where a watch's frames go: the client's stream, until the watch's deadline.
 struct Outbox {
-    tx: mpsc::Sender<Chunk>,
+    /// Frames, or parts of them: a slot holds one `Bytes`, and a channel
+    /// allocates 32 slots at once.
+    tx: mpsc::Sender<Bytes>,
     deadline: Instant,
     /// Notices a watcher may leave untaken before it has fallen behind.
     backlog: usize,
@@ -1175,26 +1174,38 @@ impl Outbox {
     /// waiting, or the client stopped reading for so long that the notices
     /// waiting for this watcher fill its share of the broadcast (it is ended
     /// as the cacher ends a watcher it cannot hand an event to, and the
-    /// client resumes or relists). A frame in parts is queued whole: a
-    /// watch that ends while waiting never leaves half a frame.
-    async fn deliver(&self, frame: impl Into<Chunk>, feed: &broadcast::Receiver<Notice>) -> bool {
-        let frame = frame.into();
-        let frame = match self.tx.try_send(frame) {
-            Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(frame)) => frame,
-        };
+    /// client resumes or relists).
+    async fn deliver(&self, frame: Bytes, feed: &broadcast::Receiver<Notice>) -> bool {
+        self.deliver_all([frame], feed).await
+    }
+
+    /// [`Outbox::deliver`] for a frame in parts, queued together (a watch
+    /// that ends while waiting never leaves half a frame).
+    async fn deliver_all<const N: usize>(
+        &self,
+        parts: [Bytes; N],
+        feed: &broadcast::Receiver<Notice>,
+    ) -> bool {
+        match self.tx.try_reserve_many(N) {
+            Ok(permits) => {
+                permits.zip(parts).for_each(|(permit, part)| permit.send(part));
+                return true;
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => return false,
+            Err(mpsc::error::TrySendError::Full(())) => {}
+        }
+        let mut parts = Some(parts);
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                permit = self.tx.reserve() => {
-                    return match permit {
-                        Ok(permit) => {
-                            permit.send(frame);
+                permits = self.tx.reserve_many(N) => {
+                    return match (permits, parts.take()) {
+                        (Ok(permits), Some(parts)) => {
+                            permits.zip(parts).for_each(|(permit, part)| permit.send(part));
                             true
                         }
-                        Err(_) => false,
+                        _ => false,
                     };
                 }
                 () = tokio::time::sleep(SLOW_CHECK) => {
@@ -1210,10 +1221,7 @@ impl Outbox {
     /// Queues a bookmark if there is room now, else drops it; `false` when
     /// the client is gone.
     fn offer(&self, frame: Bytes) -> bool {
-        !matches!(
-            self.tx.try_send(Chunk::from(frame)),
-            Err(mpsc::error::TrySendError::Closed(_))
-        )
+        !matches!(self.tx.try_send(frame), Err(mpsc::error::TrySendError::Closed(_)))
     }
 }
 
@@ -1306,9 +1314,9 @@ struct Frames {
 impl Frames {
     /// An ADDED frame for `object` in three parts: a head, the object's
     /// stored bytes (shared, not copied) and a tail.
-    fn added(&self, object: &Object) -> Chunk {
+    fn added(&self, object: &Object) -> [Bytes; 3] {
         let bytes = object.bytes().clone();
-        let parts = match self.encoding {
+        match self.encoding {
             Encoding::Json => [
                 Bytes::from_static(b"{\"type\":\"ADDED\",\"object\":"),
                 bytes,
@@ -1324,10 +1332,7 @@ impl Frames {
                 bytes,
                 Bytes::from_static(crate::protobuf::ENVELOPE_END),
             ],
-        };
-        let mut frame = Chunk::default();
-        parts.into_iter().for_each(|part| frame.push(part));
-        frame
+        }
     }
 
     fn event(&self, kind: &str, object: &[u8]) -> Bytes {

@@ -278,3 +278,58 @@ where
         tracing::debug!(%error, "connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A connected pair: the client's end and the server's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"));
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn the_version_is_told_from_the_first_bytes_which_stay_unread() {
+        let timeout = Duration::from_secs(5);
+        let (mut client, server) = pair().await;
+        client
+            .write_all(b"GET /version HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        assert_eq!(detect(&server, timeout).await, Some(Version::Http1));
+        let mut first = [0u8; 3];
+        assert_eq!(server.peek(&mut first).await.expect("peek"), 3);
+        assert_eq!(&first, b"GET", "nothing taken");
+
+        let (mut client, server) = pair().await;
+        client.write_all(PREFACE).await.expect("write");
+        assert_eq!(detect(&server, timeout).await, Some(Version::Http2));
+
+        // The preface in parts; a request that starts like it, then differs.
+        let (mut client, server) = pair().await;
+        let writer = tokio::spawn(async move {
+            for part in PREFACE.chunks(5) {
+                client.write_all(part).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+        });
+        assert_eq!(detect(&server, timeout).await, Some(Version::Http2));
+        drop(writer.await);
+        let (mut client, server) = pair().await;
+        client.write_all(b"PRI * HTTP/1.1\r\n").await.expect("write");
+        assert_eq!(detect(&server, timeout).await, Some(Version::Http1));
+
+        // Closed, or silent past the timeout: nothing to serve.
+        let (client, server) = pair().await;
+        drop(client);
+        assert_eq!(detect(&server, timeout).await, None);
+        let (_client, server) = pair().await;
+        assert_eq!(detect(&server, Duration::from_millis(100)).await, None);
+    }
+}
