@@ -332,4 +332,45 @@ mod tests {
         let (_client, server) = pair().await;
         assert_eq!(detect(&server, Duration::from_millis(100)).await, None);
     }
+
+    #[tokio::test]
+    async fn http1_and_cleartext_http2_clients_are_both_served() {
+        use http_body_util::BodyExt;
+        use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/version", listener.local_addr().expect("addr"));
+        let settings = ListenerSettings {
+            name: "test",
+            tls: None,
+            header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 1 << 20,
+            max_connections: 16,
+        };
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            settings,
+            |_, request: Request<Incoming>| async move {
+                Response::new(crate::body::full(format!("{:?}", request.version())))
+            },
+            stopped,
+        ));
+        for http2 in [false, true] {
+            let client: Client<_, crate::body::Body> = Client::builder(TokioExecutor::new())
+                .http2_only(http2)
+                .build(HttpConnector::new());
+            let request = Request::get(url.as_str())
+                .body(crate::body::empty())
+                .expect("request");
+            let response = client.request(request).await.expect("an answer");
+            let body = response.into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body, if http2 { "HTTP/2.0" } else { "HTTP/1.1" });
+        }
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("stops")
+            .expect("no panic");
+    }
 }
