@@ -244,11 +244,18 @@ struct Protocols {
 
 impl Protocols {
     fn new(settings: &ListenerSettings) -> Protocols {
+        // Go's server reads a request's head through a limit of
+        // `MaxHeaderBytes` + 4096 ("bufio slop", `initialReadLimitSize`) and
+        // answers 431 past it: the API server takes a 1 MiB + 4 KB head. The
+        // head's size is checked once parsed (`max_header_size`), so the
+        // limit does not depend on how the bytes were cut into reads.
+        let head_limit = settings.max_header_bytes + 4096;
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
-            .max_buf_size(settings.max_header_bytes);
+            .max_header_size(head_limit)
+            .max_buf_size(head_limit);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
