@@ -783,21 +783,18 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
-    /// `n` identical requests gathered into one call, whose body is fed
-    /// through the returned channel: a running call holds them back until
-    /// it completes (its body ends), then theirs is sent.
-    async fn gathered(
+    /// What `start` spawns, started while a call of [`LIST`] is running;
+    /// that call then completes (its body ends), so identical requests
+    /// among them have gathered into one call behind it.
+    async fn behind_a_running_call<T>(
         coalescer: &Coalescer,
         calls: &Arc<AtomicUsize>,
-        n: usize,
-    ) -> (Chunks, Vec<tokio::task::JoinHandle<Answer>>) {
+        start: impl FnOnce() -> T,
+    ) -> T {
         let (blocker, fetch) = streamed(calls);
         let running = spawn_run(coalescer, key(LIST), fetch);
         settle().await;
-        let (chunks, fetch) = streamed(calls);
-        let waiters = std::iter::once(spawn_run(coalescer, key(LIST), fetch))
-            .chain((1..n).map(|_| spawn_run(coalescer, key(LIST), counted(calls, Duration::ZERO))))
-            .collect();
+        let started = start();
         settle().await;
         drop(blocker);
         let _ = running
@@ -808,7 +805,25 @@ mod tests {
             .into_body()
             .collect()
             .await;
-        (chunks, waiters)
+        started
+    }
+
+    /// `n` identical requests gathered into one call, whose body is fed
+    /// through the returned channel: a running call holds them back until
+    /// it completes (its body ends), then theirs is sent.
+    async fn gathered(
+        coalescer: &Coalescer,
+        calls: &Arc<AtomicUsize>,
+        n: usize,
+    ) -> (Chunks, Vec<tokio::task::JoinHandle<Answer>>) {
+        behind_a_running_call(coalescer, calls, || {
+            let (chunks, fetch) = streamed(calls);
+            let waiters = std::iter::once(spawn_run(coalescer, key(LIST), fetch))
+                .chain((1..n).map(|_| spawn_run(coalescer, key(LIST), counted(calls, Duration::ZERO))))
+                .collect();
+            (chunks, waiters)
+        })
+        .await
     }
 
     /// A chunk that counts, when the last of its copies is dropped, into `released`.
@@ -900,23 +915,13 @@ mod tests {
     async fn dropping_all_waiters_but_one_still_completes_the_call_for_it() {
         let coalescer = Coalescer::new(CoalesceMetrics::default());
         let calls = Arc::new(AtomicUsize::new(0));
-        let (blocker, fetch) = streamed(&calls);
-        let running = spawn_run(&coalescer, key(LIST), fetch);
-        settle().await;
         // Five gather; the first one's fetch will make their call.
-        let mut waiters: Vec<_> = (0..5)
-            .map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::from_millis(100))))
-            .collect();
-        settle().await;
-        drop(blocker);
-        let _ = running
-            .await
-            .expect("task")
-            .1
-            .expect("response")
-            .into_body()
-            .collect()
-            .await;
+        let mut waiters: Vec<_> = behind_a_running_call(&coalescer, &calls, || {
+            (0..5)
+                .map(|_| spawn_run(&coalescer, key(LIST), counted(&calls, Duration::from_millis(100))))
+                .collect()
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(calls.load(Ordering::SeqCst), 2, "the gathered call is in flight");
         let kept = waiters.pop().expect("last");
