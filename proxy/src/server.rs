@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::sync::watch;
@@ -113,29 +114,15 @@ pub async fn serve<H, F>(
                     })
                 };
                 match settings.tls {
-                    None => match detect(&stream, settings.header_read_timeout).await {
-                        Some(Version::Http1) => {
-                            let connection = protocols
-                                .http1
-                                .serve_connection(
-                                    TokioIo::new(stream),
-                                    service(Arc::new(Connection::new(None))),
-                                )
-                                .with_upgrades();
-                            drive(connection, shutdown, |c| c.graceful_shutdown()).await;
+                    None => {
+                        if let Some(version) = detect(&stream, settings.header_read_timeout).await {
+                            let service = service(Arc::new(Connection::new(None)));
+                            protocols.serve(version, stream, service, shutdown).await;
                         }
-                        // Boxed, as every state but plain HTTP/1's (the TLS
-                        // handshake, TLS streams, HTTP/2): a connection's
-                        // task is as large as its largest state.
-                        Some(Version::Http2) => {
-                            let connection = protocols.http2.serve_connection(
-                                TokioIo::new(stream),
-                                service(Arc::new(Connection::new(None))),
-                            );
-                            Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
-                        }
-                        None => {}
-                    },
+                    }
+                    // Boxed, as every state but plain HTTP/1's (the TLS
+                    // handshake, TLS streams, HTTP/2): a connection's task is
+                    // as large as its largest state.
                     Some(acceptor) => {
                         if let Some(tls) = Box::pin(tls_accept(&acceptor, stream)).await {
                             let (_, session) = tls.get_ref();
@@ -143,18 +130,12 @@ pub async fn serve<H, F>(
                                 .peer_certificates()
                                 .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
                             // HTTP/2 over TLS is chosen by ALPN (RFC 9113 §3.2).
-                            let http2 = session.alpn_protocol() == Some(b"h2");
+                            let version = match session.alpn_protocol() {
+                                Some(b"h2") => Version::Http2,
+                                _ => Version::Http1,
+                            };
                             let service = service(Arc::new(Connection::new(certificates)));
-                            if http2 {
-                                let connection = protocols.http2.serve_connection(TokioIo::new(tls), service);
-                                Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
-                            } else {
-                                let connection = protocols
-                                    .http1
-                                    .serve_connection(TokioIo::new(tls), service)
-                                    .with_upgrades();
-                                Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
-                            }
+                            Box::pin(protocols.serve(version, tls, service, shutdown)).await;
                         }
                     }
                 }
@@ -264,10 +245,37 @@ impl Protocols {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         Protocols { http1, http2 }
     }
+
+    /// Serves `io` in `version` until the connection ends; once kache shuts
+    /// down, it finishes its in-flight requests and takes no new ones.
+    async fn serve<I, S>(&self, version: Version, io: I, service: S, shutdown: watch::Receiver<bool>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Body>,
+                Error = std::convert::Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        match version {
+            Version::Http1 => {
+                let connection = self.http1.serve_connection(io, service).with_upgrades();
+                drive(connection, shutdown, |c| c.graceful_shutdown()).await;
+            }
+            // Boxed: see the listener's loop.
+            Version::Http2 => {
+                let connection = self.http2.serve_connection(io, service);
+                Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
+            }
+        }
+    }
 }
 
-/// Serves a connection until it ends; once kache shuts down, it finishes
-/// its in-flight requests and takes no new ones.
+/// Drives a connection until it ends, or until kache shuts down and it has
+/// finished its in-flight requests.
 async fn drive<C>(connection: C, mut shutdown: watch::Receiver<bool>, graceful: impl FnOnce(Pin<&mut C>))
 where
     C: Future<Output = Result<(), hyper::Error>>,
