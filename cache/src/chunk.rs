@@ -144,7 +144,8 @@ impl Chunk {
                 }
             }
             Repr::Shared { .. } => {
-                let mut owned = std::mem::take(self).into_owned();
+                let mut owned = Chunk::default();
+                owned.append(std::mem::take(self));
                 owned.push(bytes);
                 *self = owned;
             }
@@ -164,15 +165,7 @@ impl Chunk {
         self.copy_to_bytes(len)
     }
 
-    /// The same slices, owned (a reference taken on each).
-    fn into_owned(self) -> Chunk {
-        let mut owned = Chunk::default();
-        for slice in self.into_owned_slices() {
-            owned.push(slice);
-        }
-        owned
-    }
-
+    /// The slices left, each owned (a reference taken on each).
     fn into_owned_slices(self) -> Vec<Bytes> {
         match self.repr {
             Repr::Owned { first, rest } => std::iter::once(first).chain(rest).collect(),
@@ -199,18 +192,6 @@ impl From<Bytes> for Chunk {
         let mut chunk = Chunk::default();
         chunk.push(bytes);
         chunk
-    }
-}
-
-impl From<Vec<u8>> for Chunk {
-    fn from(bytes: Vec<u8>) -> Chunk {
-        Chunk::from(Bytes::from(bytes))
-    }
-}
-
-impl From<&'static str> for Chunk {
-    fn from(text: &'static str) -> Chunk {
-        Chunk::from(Bytes::from_static(text.as_bytes()))
     }
 }
 
@@ -388,10 +369,13 @@ mod tests {
         let mut copied = Chunk::shared(&parts, 0..5);
         assert_eq!(copied.copy_to_bytes(5), Bytes::from_static(b"abcde"));
         assert_eq!(contents(&copied), b"fghijklm");
-        let mut owned = Chunk::from("<");
+        let mut owned = Chunk::from(Bytes::from_static(b"<"));
         owned.append(copied);
         owned.push(Bytes::from_static(b">"));
         assert_eq!(owned.into_bytes(), Bytes::from_static(b"<fghijklm>"));
+        let mut grown = Chunk::shared(&parts, 3..5);
+        grown.push(Bytes::from_static(b">"));
+        assert_eq!((grown.slice_count(), contents(&grown)), (3, b"ijklm>".to_vec()));
         assert!(Chunk::shared(&parts, 2..2).is_empty());
     }
 }
