@@ -59,14 +59,11 @@ impl Items {
         let count = objects.len();
         // Protobuf field headers, back to back in one buffer the parts slice.
         let mut prefixes = Vec::new();
-        let mut prefix_ends = Vec::new();
         for object in objects.clone().filter(|o| o.encoding() == Encoding::Protobuf) {
             put_header(&mut prefixes, 2, object.bytes().len());
-            prefix_ends.push(prefixes.len());
         }
         let prefixes = Bytes::from(prefixes);
         let prefix_bytes = prefixes.len();
-        let mut prefix_ends = prefix_ends.into_iter();
         let mut prefix_start = 0;
         let mut parts = Vec::with_capacity(2 * count);
         for (i, object) in objects.enumerate() {
@@ -85,9 +82,8 @@ impl Items {
                     parts.push(bytes);
                 }
                 Encoding::Protobuf => {
-                    let end = prefix_ends
-                        .next()
-                        .expect("invariant: a header per protobuf object");
+                    let len = object.bytes().len();
+                    let end = prefix_start + field_len(len) - len;
                     parts.push(prefixes.slice(prefix_start..end));
                     prefix_start = end;
                     parts.push(object.bytes().clone());
@@ -199,10 +195,10 @@ impl ListBody {
         let ListBody {
             head, items, tail, ..
         } = self;
-        let parts = items.parts.clone();
-        let ranges = (0..parts.len())
+        let len = items.parts.len();
+        let ranges = (0..len)
             .step_by(MAX_SLICES)
-            .map(move |start| start..(start + MAX_SLICES).min(parts.len()));
+            .map(move |start| start..(start + MAX_SLICES).min(len));
         std::iter::once(Chunk::from(head))
             .chain(ranges.map(move |range| Chunk::shared(&items.parts, range)))
             .chain(std::iter::once(Chunk::from(tail)))
