@@ -20,13 +20,17 @@
 //! application/json`: protobuf for built-in types, JSON for custom
 //! resources). Each encoding is rendered from a store of its own.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::chunk::{Chunk, ChunkStream, MAX_SLICES};
@@ -725,8 +729,6 @@ pub struct WatchSettings {
     /// How often a watcher that asked for bookmarks gets one (the API
     /// server's `defaultBookmarkFrequency`, a minute).
     pub bookmark_interval: Duration,
-    /// Frames buffered per watcher before it is considered slow.
-    pub buffer: usize,
     /// A watch without `timeoutSeconds` ends after a random time in
     /// `[default_timeout, 2 × default_timeout)`, as the API server's handler
     /// ends it after `minRequestTimeout × (1 + rand)` (`--min-request-timeout`,
@@ -738,7 +740,6 @@ impl Default for WatchSettings {
     fn default() -> Self {
         WatchSettings {
             bookmark_interval: Duration::from_secs(60),
-            buffer: 256,
             default_timeout: Duration::from_secs(1800),
         }
     }
@@ -778,12 +779,18 @@ const BOOKMARK_BEFORE_DEADLINE: Duration = Duration::from_secs(2);
 ///   2 s before the deadline, at the version of the last notice this watcher
 ///   took from the store (never ahead of an event still on its way to it),
 ///   and only if that is past the version the watch started at: on a quiet
-///   resource the API server sends none either. A bookmark that finds the
-///   client's buffer full is dropped, as the cacher's `nonblockingAdd` drops
-///   it; the next one carries a newer version.
+///   resource the API server sends none either. A bookmark is made when
+///   the client's connection takes more, at the version reached then: one
+///   never waits behind a full buffer (the cacher's `nonblockingAdd` drops
+///   such a bookmark; the next one carries a newer version).
 /// - It ends at its deadline (`timeoutSeconds` exactly, or the random default)
-///   with a clean end of stream, never an ERROR event, even while it waits
-///   for a client that stopped reading.
+///   with a clean end of stream, never an ERROR event; a client that stopped
+///   reading gets that end when it reads again, and `on_end` runs at the
+///   deadline all the same.
+/// - A client that falls further behind than the store's backlog of notices
+///   is ended (its stream ends cleanly once it reads what was sent), as the
+///   cacher ends a watcher it cannot hand an event to; the client resumes or
+///   relists. Nobody else waits for it.
 ///
 /// # Errors
 /// The requested version is older than the retained events (the caller
@@ -830,149 +837,316 @@ pub fn watch(
         Err(error) => return Err(error),
     };
     let timeout = timeout.unwrap_or_else(|| jittered(settings.default_timeout));
-    let (tx, rx) = mpsc::channel::<Bytes>(settings.buffer.max(3));
-    let interval = settings.bookmark_interval;
-    let frames = Frames {
-        encoding,
-        api_version: spec.api_version(),
-        kind: spec.kind.clone(),
+    let now = Instant::now();
+    let deadline = now.checked_add(timeout).unwrap_or_else(|| far_future(now));
+    let WatchStart {
+        state,
+        initial,
+        resource_version,
+        feed,
+    } = start;
+    // The version the watch is at once its replay is sent; at `0`, the
+    // store's (the cacher's replay of its state is at its version).
+    let started_at = initial
+        .iter()
+        .map(|e| e.resource_version)
+        .chain(state.iter().map(|o| o.resource_version))
+        .fold(if from == 0 { resource_version } else { from }, u64::max);
+    let next_bookmark = bookmarks
+        .then(|| next_bookmark_at(now, settings.bookmark_interval, deadline))
+        .flatten();
+    let watcher = Watcher {
+        frames: Frames {
+            encoding,
+            api_version: spec.api_version(),
+            kind: spec.kind.clone(),
+        },
+        plan,
+        store,
+        state: state.into_iter(),
+        initial: initial.into_iter(),
+        end_bookmark: initial_events == InitialEvents::Stream && bookmarks,
+        live: false,
+        started_at,
+        seen: resource_version,
+        feed: Feed::new(feed),
+        queued: VecDeque::new(),
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        bookmark_timer: next_bookmark.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        bookmarks,
+        bookmark_interval: settings.bookmark_interval,
+        ending: false,
+        _end: EndBy::new(deadline, on_end),
     };
-    tokio::spawn(async move {
-        let _guard = OnEnd(Some(on_end));
-        let now = Instant::now();
-        let out = Outbox {
-            tx,
-            deadline: now.checked_add(timeout).unwrap_or_else(|| far_future(now)),
-            backlog: store.backlog(),
-        };
-        let mut next_bookmark = bookmarks
-            .then(|| next_bookmark_at(now, interval, out.deadline))
-            .flatten();
-        let WatchStart {
-            state,
-            initial,
-            resource_version,
-            mut feed,
-        } = start;
-        // The version the watch is at once its replay is sent; at `0`, the
-        // store's (the cacher's replay of its state is at its version).
-        let started_at = initial
-            .iter()
-            .map(|e| e.resource_version)
-            .chain(state.iter().map(|o| o.resource_version))
-            .fold(if from == 0 { resource_version } else { from }, u64::max);
-        // The store's version as far as this watcher has taken its notices:
-        // everything up to it is on its way to the client.
-        let mut seen = resource_version;
-        let deadline = tokio::time::sleep_until(out.deadline);
-        tokio::pin!(deadline);
-        let bookmark_timer = tokio::time::sleep_until(next_bookmark.unwrap_or(out.deadline));
-        tokio::pin!(bookmark_timer);
-        // Each replayed object as it is sent: its frame's head and tail
-        // around the stored bytes, nothing copied; the replay is let go of
-        // as it goes.
-        for object in state {
-            if in_scope(&plan, &object)
-                && matches(&plan, &object)
-                && !out.deliver_all(frames.added(&object), &feed).await
-            {
-                return;
-            }
-        }
-        for event in initial {
-            if let Some(frame) = frame_for(&plan, &frames, &event) {
-                if !out.deliver(frame, &feed).await {
-                    return;
-                }
-            }
-        }
-        // A streaming list's initial events end with a BOOKMARK at their
-        // state's version, marked as their end (`isListWatchRequest`: only
-        // for a client that takes bookmarks).
-        if initial_events == InitialEvents::Stream && bookmarks {
-            let frame = frames.initial_events_end(&store, started_at);
-            if !out.deliver(frame, &feed).await {
-                return;
-            }
-        }
-        loop {
-            tokio::select! {
-                notice = feed.recv() => match notice {
-                    Ok(Notice::Event(event)) => {
-                        seen = seen.max(event.resource_version);
-                        if event.resource_version <= started_at {
-                            continue;
-                        }
-                        if let Some(frame) = frame_for(&plan, &frames, &event) {
-                            if !out.deliver(frame, &feed).await {
-                                return;
-                            }
-                        }
-                    }
-                    Ok(Notice::Progress(rv)) => seen = seen.max(rv),
-                    Ok(Notice::Relisted { events, resource_version }) => {
-                        for event in events.iter().filter(|e| e.resource_version > started_at) {
-                            if let Some(frame) = frame_for(&plan, &frames, event) {
-                                if !out.deliver(frame, &feed).await {
-                                    return;
-                                }
-                            }
-                        }
-                        seen = seen.max(resource_version);
-                        if bookmarks && resource_version > started_at {
-                            let frame = frames.bookmark(&store, resource_version);
-                            if !out.deliver(frame, &feed).await {
-                                return;
-                            }
-                        }
-                    }
-                    // kache restarts: a last bookmark at the saved version
-                    // (everything up to it was taken), where the client
-                    // resumes inside the next run's window; never blocking
-                    // on a client that stopped reading.
-                    Ok(Notice::Closing) => {
-                        if bookmarks {
-                            let _ = out.offer(frames.bookmark(&store, seen.max(started_at)));
-                        }
-                        return;
-                    }
-                    // Stopped store, or this watcher fell too far behind: end
-                    // the watch; the client resumes or relists.
-                    Ok(Notice::End) | Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
-                },
-                () = &mut bookmark_timer, if next_bookmark.is_some() => {
-                    let due = next_bookmark.take().unwrap_or(out.deadline);
-                    if seen > started_at && !out.offer(frames.bookmark(&store, seen)) {
-                        return;
-                    }
-                    // The one before the deadline is the last.
-                    next_bookmark = next_bookmark_at(Instant::now(), interval, out.deadline).filter(|at| *at > due);
-                    if let Some(at) = next_bookmark {
-                        bookmark_timer.as_mut().reset(at);
-                    }
-                }
-                () = &mut deadline => return,
-                () = out.tx.closed() => return,
-            }
-        }
-    });
-    Ok(watch_response(Box::pin(queued_frames(rx)), encoding))
+    Ok(watch_response(
+        Box::pin(WatchBody(Some(Box::new(watcher)))),
+        encoding,
+    ))
 }
 
-/// A watch's frames as they are queued: whatever is queued when the client
-/// takes more goes out as one chunk (one write for a client that fell a
-/// little behind, or a replay), up to [`MAX_SLICES`] slices.
-fn queued_frames(rx: mpsc::Receiver<Bytes>) -> impl futures::Stream<Item = Result<Chunk, FetchError>> + Send {
-    futures::stream::unfold(rx, |mut rx| async move {
-        let mut chunk = Chunk::from(rx.recv().await?);
+/// Runs `on_end` once: when the watcher is dropped (its watch ended, or its
+/// client went away), or at `deadline`, whichever is first. A watch whose
+/// client stopped reading is not polled again until the client reads, but
+/// it ends at its deadline all the same, as the cacher forgets a watcher it
+/// cannot hand an event to.
+struct EndBy {
+    on_end: Arc<OnEnd>,
+    timer: tokio::task::JoinHandle<()>,
+}
+
+impl EndBy {
+    fn new(deadline: Instant, on_end: impl FnOnce() + Send + 'static) -> EndBy {
+        let on_end: Arc<OnEnd> = Arc::new(std::sync::Mutex::new(Some(Box::new(on_end))));
+        let at_deadline = on_end.clone();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            EndBy::run(&at_deadline);
+        });
+        EndBy { on_end, timer }
+    }
+
+    fn run(on_end: &OnEnd) {
+        let on_end = on_end
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(on_end) = on_end {
+            on_end();
+        }
+    }
+}
+
+/// What runs when a watch ends, until it ran.
+type OnEnd = std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>;
+
+impl Drop for EndBy {
+    fn drop(&mut self) {
+        self.timer.abort();
+        EndBy::run(&self.on_end);
+    }
+}
+
+/// A watch's body: the watcher, until it ends.
+///
+/// The body itself takes the store's notices and frames them when its
+/// connection asks for more to write: an event wakes each watcher's
+/// connection once, and nothing is queued between the store's broadcast
+/// and the connection's write buffer. A client that reads slowly leaves its
+/// notices in the broadcast (each store keeps its `backlog` of them for
+/// every watcher); one that falls further behind than that is ended when
+/// it reads again, as the cacher ends a watcher it cannot hand an event to,
+/// and the client resumes or relists.
+struct WatchBody(Option<Box<Watcher>>);
+
+impl futures::Stream for WatchBody {
+    type Item = Result<Chunk, FetchError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let Some(watcher) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match watcher.poll_frames(cx) {
+            Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(chunk))),
+            Poll::Ready(None) => {
+                // Ended: the store's feed and the replay are let go of now,
+                // and `on_end` runs.
+                self.0 = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// One watch's state, read by its body.
+struct Watcher {
+    plan: ReadPlan,
+    frames: Frames,
+    store: Arc<Store>,
+    /// From `0`: the state to replay as ADDED, each object framed as it is
+    /// sent (nothing made per object under the store's lock, nothing kept
+    /// once sent).
+    state: std::vec::IntoIter<Arc<Object>>,
+    /// From a version: the retained events after it.
+    initial: std::vec::IntoIter<Arc<Event>>,
+    /// A streaming list's initial events end with a BOOKMARK at their
+    /// state's version, marked as their end (`isListWatchRequest`: only for
+    /// a client that takes bookmarks).
+    end_bookmark: bool,
+    /// The replay is sent: frames now come from the feed.
+    live: bool,
+    /// The version the watch is at once its replay is sent: nothing at or
+    /// below it is sent.
+    started_at: u64,
+    /// The store's version as far as this watcher has taken its notices:
+    /// everything up to it is on its way to the client.
+    seen: u64,
+    feed: Feed,
+    /// Frames taken from the feed that did not fit in the last chunk (a
+    /// relist's events); sent before anything else.
+    queued: VecDeque<Bytes>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    bookmark_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The client asked for bookmarks.
+    bookmarks: bool,
+    bookmark_interval: Duration,
+    /// The watch ends once what it has taken is sent.
+    ending: bool,
+    /// Dropped with the watcher: `on_end` runs.
+    _end: EndBy,
+}
+
+impl Watcher {
+    /// The next chunk of frames: up to [`MAX_SLICES`] slices of whatever
+    /// is ready (the rest of the replay, the notices the store has
+    /// broadcast since, a bookmark that fell due); `None` when the watch
+    /// ends — at its deadline with a clean end of stream, never an ERROR
+    /// event.
+    fn poll_frames(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        let mut chunk = Chunk::default();
         while chunk.slice_count() < MAX_SLICES {
-            match rx.try_recv() {
-                Ok(more) => chunk.push(more),
-                Err(_) => break,
+            if let Some(frame) = self.queued.pop_front() {
+                chunk.push(frame);
+            } else if self.ending {
+                break;
+            } else if !self.live {
+                self.replay_next(&mut chunk);
+            } else {
+                match self.feed.poll_recv(cx) {
+                    Poll::Ready(notice) => self.take(notice),
+                    Poll::Pending => break,
+                }
             }
         }
-        Some((Ok(chunk), rx))
-    })
+        if self.live && self.queued.is_empty() && !self.ending {
+            if let Some(frame) = self.poll_bookmark(cx) {
+                chunk.push(frame);
+            }
+        }
+        if !chunk.is_empty() {
+            Poll::Ready(Some(chunk))
+        } else if self.ending {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// The next replayed frame, or the end of the replay.
+    fn replay_next(&mut self, chunk: &mut Chunk) {
+        if let Some(object) = self.state.next() {
+            if in_scope(&self.plan, &object) && matches(&self.plan, &object) {
+                self.frames
+                    .added(&object)
+                    .into_iter()
+                    .for_each(|part| chunk.push(part));
+            }
+        } else if let Some(event) = self.initial.next() {
+            if let Some(frame) = frame_for(&self.plan, &self.frames, &event) {
+                chunk.push(frame);
+            }
+        } else {
+            if std::mem::take(&mut self.end_bookmark) {
+                chunk.push(self.frames.initial_events_end(&self.store, self.started_at));
+            }
+            self.live = true;
+        }
+    }
+
+    /// Takes a notice from the store: its frames are queued for the client.
+    fn take(&mut self, notice: Result<Notice, broadcast::error::RecvError>) {
+        let bookmarks = self.bookmarks;
+        match notice {
+            Ok(Notice::Event(event)) => {
+                self.seen = self.seen.max(event.resource_version);
+                if event.resource_version > self.started_at {
+                    self.queued.extend(frame_for(&self.plan, &self.frames, &event));
+                }
+            }
+            Ok(Notice::Progress(rv)) => self.seen = self.seen.max(rv),
+            Ok(Notice::Relisted {
+                events,
+                resource_version,
+            }) => {
+                for event in events.iter().filter(|e| e.resource_version > self.started_at) {
+                    self.queued.extend(frame_for(&self.plan, &self.frames, event));
+                }
+                self.seen = self.seen.max(resource_version);
+                if bookmarks && resource_version > self.started_at {
+                    self.queued
+                        .push_back(self.frames.bookmark(&self.store, resource_version));
+                }
+            }
+            // kache restarts: a last bookmark at the saved version
+            // (everything up to it was taken), where the client resumes
+            // inside the next run's window.
+            Ok(Notice::Closing) => {
+                if bookmarks {
+                    let at = self.seen.max(self.started_at);
+                    self.queued.push_back(self.frames.bookmark(&self.store, at));
+                }
+                self.ending = true;
+            }
+            // Stopped store, or this watcher fell too far behind: the watch
+            // ends; the client resumes or relists.
+            Ok(Notice::End)
+            | Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => {
+                self.ending = true;
+            }
+        }
+    }
+
+    /// A bookmark, if one fell due and the store moved past the watch's
+    /// version; the next one is scheduled (the one before the deadline is
+    /// the last). Asked only once everything taken is queued for the client:
+    /// a bookmark never runs ahead of the events up to its version.
+    fn poll_bookmark(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        let timer = self.bookmark_timer.as_mut()?;
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        let due = timer.deadline();
+        let deadline = self.deadline.deadline();
+        match next_bookmark_at(Instant::now(), self.bookmark_interval, deadline).filter(|at| *at > due) {
+            Some(at) => {
+                timer.as_mut().reset(at);
+                // Registers the timer's waker for its new instant.
+                let _ = timer.as_mut().poll(cx);
+            }
+            None => self.bookmark_timer = None,
+        }
+        (self.seen > self.started_at).then(|| self.frames.bookmark(&self.store, self.seen))
+    }
+}
+
+/// A watcher's receiver of the store's notices, polled by its body.
+struct Feed(tokio_util::sync::ReusableBoxFuture<'static, Received>);
+
+type Received = (
+    Result<Notice, broadcast::error::RecvError>,
+    broadcast::Receiver<Notice>,
+);
+
+impl Feed {
+    fn new(receiver: broadcast::Receiver<Notice>) -> Feed {
+        Feed(tokio_util::sync::ReusableBoxFuture::new(Feed::recv(receiver)))
+    }
+
+    async fn recv(mut receiver: broadcast::Receiver<Notice>) -> Received {
+        let notice = receiver.recv().await;
+        (notice, receiver)
+    }
+
+    /// The next notice; the receiver waits for the one after it in the
+    /// same allocation.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Notice, broadcast::error::RecvError>> {
+        let (notice, receiver) = ready!(self.0.poll(cx));
+        self.0.set(Feed::recv(receiver));
+        Poll::Ready(notice)
+    }
 }
 
 /// A watch's `200` answer: its stream of frames.
@@ -1156,86 +1330,6 @@ fn next_bookmark_at(now: Instant, interval: Duration, deadline: Instant) -> Opti
 /// An instant no watch outlives (a `timeoutSeconds` too large to add).
 fn far_future(now: Instant) -> Instant {
     now + Duration::from_secs(86_400 * 365 * 30)
-}
-
-/// Where a watch's frames go: the client's stream, until the watch's deadline.
-struct Outbox {
-    /// Frames, or parts of them: a slot holds one `Bytes`, and a channel
-    /// allocates 32 slots at once.
-    tx: mpsc::Sender<Bytes>,
-    deadline: Instant,
-    /// Notices a watcher may leave untaken before it has fallen behind.
-    backlog: usize,
-}
-
-impl Outbox {
-    /// Queues a frame for the client, waiting for room; `false` when the
-    /// watch must end instead: the client is gone, the deadline passed while
-    /// waiting, or the client stopped reading for so long that the notices
-    /// waiting for this watcher fill its share of the broadcast (it is ended
-    /// as the cacher ends a watcher it cannot hand an event to, and the
-    /// client resumes or relists).
-    async fn deliver(&self, frame: Bytes, feed: &broadcast::Receiver<Notice>) -> bool {
-        self.deliver_all([frame], feed).await
-    }
-
-    /// [`Outbox::deliver`] for a frame in parts, queued together (a watch
-    /// that ends while waiting never leaves half a frame).
-    async fn deliver_all<const N: usize>(
-        &self,
-        parts: [Bytes; N],
-        feed: &broadcast::Receiver<Notice>,
-    ) -> bool {
-        match self.tx.try_reserve_many(N) {
-            Ok(permits) => {
-                permits.zip(parts).for_each(|(permit, part)| permit.send(part));
-                return true;
-            }
-            Err(mpsc::error::TrySendError::Closed(())) => return false,
-            Err(mpsc::error::TrySendError::Full(())) => {}
-        }
-        let mut parts = Some(parts);
-        let deadline = tokio::time::sleep_until(self.deadline);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                permits = self.tx.reserve_many(N) => {
-                    return match (permits, parts.take()) {
-                        (Ok(permits), Some(parts)) => {
-                            permits.zip(parts).for_each(|(permit, part)| permit.send(part));
-                            true
-                        }
-                        _ => false,
-                    };
-                }
-                () = tokio::time::sleep(SLOW_CHECK) => {
-                    if feed.len() >= self.backlog {
-                        return false;
-                    }
-                }
-                () = &mut deadline => return false,
-            }
-        }
-    }
-
-    /// Queues a bookmark if there is room now, else drops it; `false` when
-    /// the client is gone.
-    fn offer(&self, frame: Bytes) -> bool {
-        !matches!(self.tx.try_send(frame), Err(mpsc::error::TrySendError::Closed(_)))
-    }
-}
-
-/// How often a blocked delivery checks whether its watcher fell behind.
-const SLOW_CHECK: Duration = Duration::from_millis(100);
-
-struct OnEnd<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Drop for OnEnd<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
 }
 
 /// `base × (1 + r)` for a pseudo-random `r` in `[0, 1)`, as the handler's

@@ -306,7 +306,6 @@ impl Cache {
     ) -> Cache {
         let watch = WatchSettings {
             bookmark_interval: config.bookmark_interval,
-            buffer: config.watcher_backlog,
             ..WatchSettings::default()
         };
         let config_snapshot_dir_is_none = config.snapshot_dir.is_none();

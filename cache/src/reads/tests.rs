@@ -614,21 +614,19 @@ async fn bookmarks_are_sent_only_when_asked() {
 
 #[tokio::test]
 async fn a_slow_watcher_is_ended_without_delaying_others() {
+    use futures::StreamExt;
+    // Four notices kept per watcher.
     let store = Arc::new(Store::new(100, 4));
     store.replace(vec![], 1);
-    let settings = WatchSettings {
-        buffer: 1,
-        ..WatchSettings::default()
-    };
     let plan = plan_for("/api/v1/configmaps?watch=true&resourceVersion=1", None).expect("plan");
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = ended.clone();
-    let slow = watch(
+    let mut slow = watch(
         plan.clone(),
         Arc::new(spec(false)),
         store.clone(),
         Encoding::Json,
-        &settings,
+        &WatchSettings::default(),
         move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
     )
     .expect("watch");
@@ -648,6 +646,20 @@ async fn a_slow_watcher_is_ended_without_delaying_others() {
     }
     let events = reader.await.expect("reader");
     assert_eq!(events.len(), 50, "the fast watcher got everything");
+    // The slow one, reading at last, fell behind by more than its backlog:
+    // it gets the end of its stream, not the events it lost.
+    let mut pending = Vec::new();
+    let mut got = 0;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), slow.body_mut().next())
+        .await
+        .expect("the slow watcher ends at once")
+    {
+        got += lines(&mut pending, &chunk.expect("no error").into_bytes()).len();
+    }
+    assert!(
+        got < 50,
+        "the slow watcher got {got} events: it should have been ended"
+    );
     for _ in 0..200 {
         if ended.load(std::sync::atomic::Ordering::SeqCst) {
             break;
@@ -658,7 +670,6 @@ async fn a_slow_watcher_is_ended_without_delaying_others() {
         ended.load(std::sync::atomic::Ordering::SeqCst),
         "the slow watcher was ended"
     );
-    drop(slow);
 }
 
 #[test]
@@ -1132,10 +1143,7 @@ async fn watches_end_cleanly_at_their_timeout_or_the_random_default() {
 async fn a_client_that_stopped_reading_is_still_ended_at_its_deadline() {
     let store = Arc::new(Store::new(100, 1000));
     store.replace(vec![], 5);
-    let settings = WatchSettings {
-        buffer: 1,
-        ..WatchSettings::default()
-    };
+    let settings = WatchSettings::default();
     let plan = plan_for(
         "/api/v1/configmaps?watch=true&resourceVersion=5&timeoutSeconds=30",
         None,
@@ -1173,7 +1181,6 @@ async fn bookmarks_never_run_ahead_of_the_events_still_on_their_way() {
     let store = store_with(vec![], 5);
     let settings = WatchSettings {
         bookmark_interval: Duration::from_secs(1),
-        buffer: 2,
         ..WatchSettings::default()
     };
     let started = tokio::time::Instant::now();
