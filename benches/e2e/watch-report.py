@@ -49,11 +49,14 @@ def latency_cell(summary, key):
 
 def fanout_section(d, machine):
     cells = []
-    for enc in machine.get("encodings", "json").split(","):
-        for side in ("kache", "direct"):
-            cell = load(d, f"fanout-{side}-{enc}.json")
-            if cell:
-                cells.append(cell)
+    for transport in machine.get("transports", "http1").split(","):
+        for enc in machine.get("encodings", "json").split(","):
+            name = f"{enc}-h2" if transport == "http2" else enc
+            for side in ("kache", "direct"):
+                cell = load(d, f"fanout-{side}-{name}.json")
+                if cell:
+                    cell["name"] = f"{side} {enc}" + (" HTTP/2" if cell.get("http2Streams") else "")
+                    cells.append(cell)
     if not cells:
         return []
     setup = load(d, "fanout-setup.json") or {}
@@ -61,14 +64,17 @@ def fanout_section(d, machine):
         "## 1. Fan-out: watchers of one namespace's pods",
         "",
         f"{cells[0]['objects']} pods (~4 KB each) in namespace `{setup.get('namespace', 'watch-bench')}`; "
-        f"each watcher its own HTTP/1.1 connection, `watch=true&resourceVersion=<rv=0 LIST's>&allowWatchBookmarks=true`; "
+        "each watcher its own HTTP/1.1 connection"
+        + (f" (HTTP/2 cells: {machine.get('h2Streams')} watchers to a connection, as client-go multiplexes its watches)"
+           if any(c.get("http2Streams") for c in cells) else "")
+        + ", `watch=true&resourceVersion=<rv=0 LIST's>&allowWatchBookmarks=true`; "
         f"then {cells[0]['changes']} PATCHes (an annotation with the change id and send time) straight at the API server, "
         f"{num(cells[0]['rate'], 0)}/s open loop, round-robin over the pods. "
         "Latency: per event per watcher, receive time minus the PATCH response's arrival (one process, one clock); "
         "negative when the event arrived first.",
         "",
     ]
-    header = ["", *[f"{c['side']} {c['encoding']}" for c in cells]]
+    header = ["", *[c["name"] for c in cells]]
     rows = []
 
     def row(label, f):
@@ -136,22 +142,22 @@ def fanout_section(d, machine):
     notes = []
     for c in cells:
         if c["connectErrors"]:
-            notes.append(f"- {c['side']} {c['encoding']}: connect errors {c['connectErrors']}")
+            notes.append(f"- {c['name']}: connect errors {c['connectErrors']}")
         if c["writeErrors"]:
-            notes.append(f"- {c['side']} {c['encoding']}: write errors {c['writeErrors']}")
+            notes.append(f"- {c['name']}: write errors {c['writeErrors']}")
         if c["watchesEnded"]:
-            notes.append(f"- {c['side']} {c['encoding']}: watches ended early {c['watchesEnded']}")
+            notes.append(f"- {c['name']}: watches ended early {c['watchesEnded']}")
         if c["errorEvents"] or c["otherEvents"] or c["foreign"] or c["unexpected"]:
             notes.append(
-                f"- {c['side']} {c['encoding']}: {c['errorEvents']} ERROR events, {c['otherEvents']} other events, "
+                f"- {c['name']}: {c['errorEvents']} ERROR events, {c['otherEvents']} other events, "
                 f"{c['foreign']} of another cell, {c['unexpected']} of failed writes")
         if c["achievedRate"] < 0.9 * c["rate"]:
             notes.append(
-                f"- {c['side']} {c['encoding']}: the writer reached {num(c['achievedRate'], 1)} changes/s of the "
+                f"- {c['name']}: the writer reached {num(c['achievedRate'], 1)} changes/s of the "
                 f"{num(c['rate'], 0)} asked (PATCH p99 {num(c['writeLatency']['p99_ms'])} ms): the API server could not "
                 "keep up, so its delivery latency is at a lower rate than kache's.")
         if not c["registered"]:
-            notes.append(f"- {c['side']} {c['encoding']}: not every watcher showed as registered within 60 s")
+            notes.append(f"- {c['name']}: not every watcher showed as registered within 60 s")
     if machine.get("directWatchers") != machine.get("watchers"):
         notes.append(f"- The direct cells used {machine.get('directWatchers')} watchers (the API server's open-file limit "
                      f"is {machine.get('apiserverNofile')}).")

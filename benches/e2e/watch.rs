@@ -168,6 +168,10 @@ struct Fanout {
     /// Watchers connecting at once.
     #[arg(long, default_value_t = 50)]
     connect_concurrency: usize,
+    /// Watches per HTTP/2 connection, as client-go multiplexes its watches
+    /// to a host; 0: each watch on its own HTTP/1.1 connection.
+    #[arg(long, default_value_t = 0)]
+    http2_streams: usize,
     /// Writes in flight at most.
     #[arg(long, default_value_t = 32)]
     write_concurrency: usize,
@@ -989,7 +993,8 @@ async fn fanout(c: Fanout) -> Result<Value> {
         .and_then(|p| p.parse::<u32>().ok());
     let apiserver_rss_idle = apiserver_pid.and_then(|p| status_kb(p, "VmRSS"));
 
-    // The watchers, each on its own connection.
+    // The watchers, each on its own connection or, over HTTP/2,
+    // `http2_streams` to a connection.
     let base = Instant::now();
     let id_base = c.cell * CELL_IDS;
     let cell = Arc::new(Cell {
@@ -1011,8 +1016,18 @@ async fn fanout(c: Fanout) -> Result<Value> {
     let gate = Arc::new(Semaphore::new(c.connect_concurrency.max(1)));
     let mut opening = Vec::new();
     let connect_start = Instant::now();
-    for _ in 0..c.watchers {
-        let client = Target::client_on(&via_connector);
+    let http2_connector = c.target.http2_connector()?;
+    let mut client = None;
+    for i in 0..c.watchers {
+        let client = match c.http2_streams {
+            0 => Target::client_on(&via_connector),
+            streams => {
+                if i % streams == 0 {
+                    client = Some(Target::http2_client_on(&http2_connector));
+                }
+                client.clone().expect("invariant: made at the first watcher")
+            }
+        };
         let request =
             c.target
                 .request_as(Method::GET, &watch_path, Some(c.encoding.accept()), None, AGENT)?;
@@ -1246,6 +1261,7 @@ async fn fanout(c: Fanout) -> Result<Value> {
     Ok(json!({
         "side": if admin.is_some() { "kache" } else { "direct" },
         "encoding": c.encoding.as_str(),
+        "http2Streams": c.http2_streams,
         "watchers": c.watchers,
         "connected": connected,
         "connectErrors": connect_errors,

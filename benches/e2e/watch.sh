@@ -3,7 +3,10 @@
 # serving the same watches itself, in one run on one machine.
 #
 #   1. Fan-out: WATCHERS watches of one namespace's OBJECTS pods (~4 KB
-#      each), each on its own HTTP/1.1 connection, from the version of an
+#      each), each on its own HTTP/1.1 connection (and, with TRANSPORTS'
+#      http2, again H2_STREAMS to an HTTP/2 connection, as client-go
+#      multiplexes its watches: TLS with ALPN to the API server, prior
+#      knowledge to kache's cleartext listener), from the version of an
 #      rv=0 LIST, with bookmarks; then a writer patches the pods straight at
 #      the API server, RATE changes a second, CHANGES in all (each patch sets
 #      an annotation with its id and send time). Per encoding (ENCODINGS),
@@ -64,7 +67,8 @@
 #   PARTS=fanout benches/e2e/watch.sh    # one part (fanout, sync)
 #
 # Knobs (environment): WATCHERS (1000), DIRECT_WATCHERS (WATCHERS), OBJECTS
-# (300), RATE (100), CHANGES (1000), ENCODINGS (json,protobuf), SYNCERS (50),
+# (300), RATE (100), CHANGES (1000), ENCODINGS (json,protobuf), TRANSPORTS
+# (http1,http2), H2_STREAMS (100: a current API server's limit), SYNCERS (50),
 # PODS (10000), PARTS (fanout,sync), BENCH_CLUSTER_DIR
 # (target/bench-watch-cluster), BENCH_WORK_DIR (target/bench-watch), RESULTS
 # (benches/e2e/watch-results.md).
@@ -80,6 +84,8 @@ OBJECTS=${OBJECTS:-300}
 RATE=${RATE:-100}
 CHANGES=${CHANGES:-1000}
 ENCODINGS=${ENCODINGS:-json,protobuf}
+TRANSPORTS=${TRANSPORTS:-http1,http2}
+H2_STREAMS=${H2_STREAMS:-100}
 SYNCERS=${SYNCERS:-50}
 PODS=${PODS:-10000}
 PARTS=${PARTS:-fanout,sync}
@@ -195,30 +201,41 @@ if wants fanout; then
   echo "{\"podWatches\": $baseline}" > "$json/fanout-baseline.json"
   cell=0
   IFS=, read -r -a encodings <<< "$ENCODINGS"
+  IFS=, read -r -a transports <<< "$TRANSPORTS"
+  # A cell's name and its fan-out flags: "json", or "json-h2" over HTTP/2.
+  cell_name() { if [[ $2 == http2 ]]; then echo "$1-h2"; else echo "$1"; fi; }
+  streams_flag() { if [[ $1 == http2 ]]; then echo "--http2-streams=$H2_STREAMS"; else echo "--http2-streams=0"; fi; }
   # kache first: the direct cells leave the API server with garbage to collect.
-  for enc in "${encodings[@]}"; do
-    cell=$((cell + 1))
-    start_kache
-    log "1. kache, $enc: $WATCHERS watchers, $CHANGES changes at $RATE/s"
-    "$WB" fanout --url "$KACHE_URL" --no-auth "${api[@]}" --kache-admin "$ADMIN_URL" --namespace "$namespace" \
-      --watchers "$WATCHERS" --changes "$CHANGES" --rate "$RATE" --encoding "$enc" --cell "$cell" \
-      --server-pid "$kache_pid" --cpu "kache=$kache_pid" --cpu "apiserver=$apiserver_pid" --cpu "etcd=$etcd_pid" \
-      --baseline-watches "$baseline" > "$json/fanout-kache-$enc.json" 2> "$work/fanout-kache-$enc.log" \
-      || die "fanout (kache, $enc) failed: $(tail -n 20 "$work/fanout-kache-$enc.log")"
-    log "1. kache, $enc: p99 $(jget "$json/fanout-kache-$enc.json" latencyFromAnswer.p99_ms) ms, missing $(jget "$json/fanout-kache-$enc.json" missing)"
-    curl -fsS "$ADMIN_URL/metrics" > "$work/metrics-fanout-$enc.txt" || true
-    kill -0 "$kache_pid" 2>/dev/null || die "kache died during the fan-out: $(tail -n 20 "$work/kache.log")"
-    stop_kache
+  for transport in "${transports[@]}"; do
+    for enc in "${encodings[@]}"; do
+      cell=$((cell + 1))
+      name=$(cell_name "$enc" "$transport")
+      start_kache
+      log "1. kache, $name: $WATCHERS watchers, $CHANGES changes at $RATE/s"
+      "$WB" fanout --url "$KACHE_URL" --no-auth "${api[@]}" --kache-admin "$ADMIN_URL" --namespace "$namespace" \
+        --watchers "$WATCHERS" --changes "$CHANGES" --rate "$RATE" --encoding "$enc" --cell "$cell" \
+        "$(streams_flag "$transport")" \
+        --server-pid "$kache_pid" --cpu "kache=$kache_pid" --cpu "apiserver=$apiserver_pid" --cpu "etcd=$etcd_pid" \
+        --baseline-watches "$baseline" > "$json/fanout-kache-$name.json" 2> "$work/fanout-kache-$name.log" \
+        || die "fanout (kache, $name) failed: $(tail -n 20 "$work/fanout-kache-$name.log")"
+      log "1. kache, $name: p99 $(jget "$json/fanout-kache-$name.json" latencyFromAnswer.p99_ms) ms, missing $(jget "$json/fanout-kache-$name.json" missing)"
+      curl -fsS "$ADMIN_URL/metrics" > "$work/metrics-fanout-$name.txt" || true
+      kill -0 "$kache_pid" 2>/dev/null || die "kache died during the fan-out: $(tail -n 20 "$work/kache.log")"
+      stop_kache
+    done
   done
-  for enc in "${encodings[@]}"; do
-    cell=$((cell + 1))
-    log "1. direct, $enc: $DIRECT_WATCHERS watchers, $CHANGES changes at $RATE/s"
-    "$WB" fanout "${direct[@]}" "${api[@]}" --namespace "$namespace" --watchers "$DIRECT_WATCHERS" \
-      --changes "$CHANGES" --rate "$RATE" --encoding "$enc" --cell "$cell" \
-      --server-pid "$apiserver_pid" --cpu "apiserver=$apiserver_pid" --cpu "etcd=$etcd_pid" \
-      --baseline-watches "$baseline" > "$json/fanout-direct-$enc.json" 2> "$work/fanout-direct-$enc.log" \
-      || die "fanout (direct, $enc) failed: $(tail -n 20 "$work/fanout-direct-$enc.log")"
-    log "1. direct, $enc: p99 $(jget "$json/fanout-direct-$enc.json" latencyFromAnswer.p99_ms) ms, missing $(jget "$json/fanout-direct-$enc.json" missing)"
+  for transport in "${transports[@]}"; do
+    for enc in "${encodings[@]}"; do
+      cell=$((cell + 1))
+      name=$(cell_name "$enc" "$transport")
+      log "1. direct, $name: $DIRECT_WATCHERS watchers, $CHANGES changes at $RATE/s"
+      "$WB" fanout "${direct[@]}" "${api[@]}" --namespace "$namespace" --watchers "$DIRECT_WATCHERS" \
+        --changes "$CHANGES" --rate "$RATE" --encoding "$enc" --cell "$cell" "$(streams_flag "$transport")" \
+        --server-pid "$apiserver_pid" --cpu "apiserver=$apiserver_pid" --cpu "etcd=$etcd_pid" \
+        --baseline-watches "$baseline" > "$json/fanout-direct-$name.json" 2> "$work/fanout-direct-$name.log" \
+        || die "fanout (direct, $name) failed: $(tail -n 20 "$work/fanout-direct-$name.log")"
+      log "1. direct, $name: p99 $(jget "$json/fanout-direct-$name.json" latencyFromAnswer.p99_ms) ms, missing $(jget "$json/fanout-direct-$name.json" missing)"
+    done
   done
 fi
 
@@ -259,6 +276,8 @@ cat > "$json/machine.json" <<EOF
   "rate": $RATE,
   "changes": $CHANGES,
   "encodings": "$ENCODINGS",
+  "transports": "$TRANSPORTS",
+  "h2Streams": $H2_STREAMS,
   "syncers": $SYNCERS,
   "pods": $PODS,
   "parts": "$PARTS",

@@ -59,6 +59,19 @@ impl Target {
     /// # Errors
     /// See [`Target::check`]; an unreadable CA file.
     pub fn connector(&self) -> Result<Connector> {
+        self.connector_for(false)
+    }
+
+    /// A connector for HTTP/2 clients ([`Target::http2_client_on`]): `h2`
+    /// by ALPN over TLS, prior knowledge over cleartext; HTTP/1.1 otherwise.
+    ///
+    /// # Errors
+    /// See [`Target::connector`].
+    pub fn http2_connector(&self) -> Result<Connector> {
+        self.connector_for(true)
+    }
+
+    fn connector_for(&self, http2: bool) -> Result<Connector> {
         self.check()?;
         let mut roots = rustls::RootCertStore::empty();
         if let Some(ca) = &self.ca {
@@ -71,11 +84,14 @@ impl Target {
         let tls = rustls::ClientConfig::builder()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .build())
+            .https_or_http();
+        Ok(if http2 {
+            builder.enable_http2().build()
+        } else {
+            builder.enable_http1().build()
+        })
     }
 
     /// A client on `connector` with at most one idle connection: one per
@@ -83,6 +99,15 @@ impl Target {
     pub fn client_on(connector: &Connector) -> Http {
         Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(1)
+            .build(connector.clone())
+    }
+
+    /// An HTTP/2 client on `connector` (see [`Target::http2_connector`]):
+    /// its requests are streams of one connection, as client-go multiplexes
+    /// its requests to a host.
+    pub fn http2_client_on(connector: &Connector) -> Http {
+        Client::builder(TokioExecutor::new())
+            .http2_only(true)
             .build(connector.clone())
     }
 
