@@ -636,13 +636,30 @@ fn response(status: StatusCode, encoding: Encoding, body: Vec<u8>) -> Response<B
     response
 }
 
-/// The API server's answer to a LIST at the store's current state, in the
-/// store's `encoding`.
 /// How many objects a list or GET answered from the cache holds (a response
 /// extension, for the proxy's per-client accounting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Objects(pub usize);
 
+/// The events a watch answered from the cache has sent so far (a response
+/// extension, for the proxy's per-client accounting): counted by the watch
+/// as it hands out its frames, so nobody scans its bytes for them.
+#[derive(Debug, Clone, Default)]
+pub struct Events(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Events {
+    fn add(&self, events: usize) {
+        self.0.fetch_add(events, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The events sent since the last call.
+    pub fn take(&self) -> usize {
+        self.0.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The API server's answer to a LIST at the store's current state, in the
+/// store's `encoding`.
 pub fn list(
     plan: &ReadPlan,
     spec: &ResourceSpec,
@@ -876,12 +893,13 @@ pub fn watch(
         bookmarks,
         bookmark_interval: settings.bookmark_interval,
         ending: false,
+        events: Events::default(),
         _end: EndBy::new(deadline, on_end),
     };
-    Ok(watch_response(
-        Box::pin(WatchBody(Some(Box::new(watcher)))),
-        encoding,
-    ))
+    let events = watcher.events.clone();
+    let mut response = watch_response(Box::pin(WatchBody(Some(Box::new(watcher)))), encoding);
+    response.extensions_mut().insert(events);
+    Ok(response)
 }
 
 /// Runs `on_end` once: when the watcher is dropped (its watch ended, or its
@@ -992,6 +1010,8 @@ struct Watcher {
     bookmark_interval: Duration,
     /// The watch ends once what it has taken is sent.
     ending: bool,
+    /// The frames handed out, for the proxy's accounting.
+    events: Events,
     /// Dropped with the watcher: `on_end` runs.
     _end: EndBy,
 }
@@ -1007,13 +1027,15 @@ impl Watcher {
             return Poll::Ready(None);
         }
         let mut chunk = Chunk::default();
+        let mut events = 0;
         while chunk.slice_count() < MAX_SLICES {
             if let Some(frame) = self.queued.pop_front() {
                 chunk.push(frame);
+                events += 1;
             } else if self.ending {
                 break;
             } else if !self.live {
-                self.replay_next(&mut chunk);
+                events += usize::from(self.replay_next(&mut chunk));
             } else {
                 match self.feed.poll_recv(cx) {
                     Poll::Ready(notice) => self.take(notice),
@@ -1024,9 +1046,11 @@ impl Watcher {
         if self.live && self.queued.is_empty() && !self.ending {
             if let Some(frame) = self.poll_bookmark(cx) {
                 chunk.push(frame);
+                events += 1;
             }
         }
         if !chunk.is_empty() {
+            self.events.add(events);
             Poll::Ready(Some(chunk))
         } else if self.ending {
             Poll::Ready(None)
@@ -1035,25 +1059,30 @@ impl Watcher {
         }
     }
 
-    /// The next replayed frame, or the end of the replay.
-    fn replay_next(&mut self, chunk: &mut Chunk) {
+    /// The next replayed frame, or the end of the replay; whether a frame
+    /// was pushed.
+    fn replay_next(&mut self, chunk: &mut Chunk) -> bool {
         if let Some(object) = self.state.next() {
             if in_scope(&self.plan, &object) && matches(&self.plan, &object) {
                 self.frames
                     .added(&object)
                     .into_iter()
                     .for_each(|part| chunk.push(part));
+                return true;
             }
         } else if let Some(event) = self.initial.next() {
             if let Some(frame) = frame_for(&self.plan, &self.frames, &event) {
                 chunk.push(frame);
+                return true;
             }
         } else {
+            self.live = true;
             if std::mem::take(&mut self.end_bookmark) {
                 chunk.push(self.frames.initial_events_end(&self.store, self.started_at));
+                return true;
             }
-            self.live = true;
         }
+        false
     }
 
     /// Takes a notice from the store: its frames are queued for the client.
@@ -1185,10 +1214,14 @@ fn error_watch(status: &crate::status::Status<'_>, encoding: Encoding) -> Respon
             crate::protobuf::watch_frame("ERROR", "v1", "Status", raw)
         }
     };
-    watch_response(
+    let mut response = watch_response(
         Box::pin(futures::stream::iter([Ok(Chunk::from(frame))])),
         encoding,
-    )
+    );
+    let events = Events::default();
+    events.add(1);
+    response.extensions_mut().insert(events);
+    response
 }
 
 /// The annotation that marks the BOOKMARK ending a streaming list's initial

@@ -57,7 +57,7 @@ pin_project_lite::pin_project! {
         inner: B,
         account: std::sync::Arc<crate::ledger::Account>,
         upstream: bool,
-        events: Option<EventCounter>,
+        events: Option<kache_cache::reads::Events>,
     }
 }
 
@@ -66,7 +66,7 @@ impl<B> Counted<B> {
         inner: B,
         account: std::sync::Arc<crate::ledger::Account>,
         upstream: bool,
-        events: Option<EventCounter>,
+        events: Option<kache_cache::reads::Events>,
     ) -> Counted<B> {
         Counted {
             inner,
@@ -94,8 +94,7 @@ impl<B: http_body::Body<Data = Chunk>> http_body::Body for Counted<B> {
                     this.account.upstream_bytes(data.len());
                 }
                 if let Some(events) = this.events {
-                    let counted = data.slices().map(|slice| events.count(slice)).sum();
-                    this.account.sent_objects(counted);
+                    this.account.sent_objects(events.take());
                 }
             }
         }
@@ -108,71 +107,6 @@ impl<B: http_body::Body<Data = Chunk>> http_body::Body for Counted<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// Counts a watch's events as its body streams, however they are cut into
-/// chunks (an event from memory may be sent as its head, the stored object
-/// and its tail): JSON events are lines (compact JSON holds no newline);
-/// protobuf events are length-prefixed.
-#[derive(Debug, Clone, Copy)]
-pub enum EventCounter {
-    Json,
-    Protobuf {
-        /// The length prefix of the event in progress, as far as seen.
-        prefix: [u8; 4],
-        prefix_seen: usize,
-        /// Bytes of the event in progress still to come.
-        remaining: usize,
-    },
-}
-
-impl EventCounter {
-    /// The counter for a watch answered with `content_type`.
-    pub fn for_content_type(content_type: &str) -> EventCounter {
-        if content_type.starts_with("application/vnd.kubernetes.protobuf") {
-            EventCounter::Protobuf {
-                prefix: [0; 4],
-                prefix_seen: 0,
-                remaining: 0,
-            }
-        } else {
-            EventCounter::Json
-        }
-    }
-
-    /// The events that `chunk` completes.
-    pub fn count(&mut self, mut chunk: &[u8]) -> usize {
-        match self {
-            EventCounter::Json => chunk.iter().filter(|b| **b == b'\n').count(),
-            EventCounter::Protobuf {
-                prefix,
-                prefix_seen,
-                remaining,
-            } => {
-                let mut events = 0;
-                while !chunk.is_empty() {
-                    if *prefix_seen < prefix.len() {
-                        let take = (prefix.len() - *prefix_seen).min(chunk.len());
-                        prefix[*prefix_seen..*prefix_seen + take].copy_from_slice(&chunk[..take]);
-                        *prefix_seen += take;
-                        chunk = &chunk[take..];
-                        if *prefix_seen < prefix.len() {
-                            break;
-                        }
-                        *remaining = u32::from_be_bytes(*prefix) as usize;
-                    }
-                    let take = (*remaining).min(chunk.len());
-                    *remaining -= take;
-                    chunk = &chunk[take..];
-                    if *remaining == 0 {
-                        events += 1;
-                        *prefix_seen = 0;
-                    }
-                }
-                events
-            }
-        }
     }
 }
 
@@ -309,37 +243,6 @@ pub fn client_body_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every way of cutting `stream` into two or three chunks counts `events`.
-    fn counts_however_cut(content_type: &str, stream: &[u8], events: usize) {
-        for a in 0..=stream.len() {
-            for b in a..=stream.len() {
-                let mut counter = EventCounter::for_content_type(content_type);
-                let counted =
-                    counter.count(&stream[..a]) + counter.count(&stream[a..b]) + counter.count(&stream[b..]);
-                assert_eq!(counted, events, "cut at {a} and {b}");
-            }
-        }
-    }
-
-    #[test]
-    fn watch_events_are_counted_however_their_frames_are_cut() {
-        counts_however_cut(
-            "application/json",
-            b"{\"type\":\"ADDED\",\"object\":{}}\n{\"type\":\"BOOKMARK\",\"object\":{}}\n",
-            2,
-        );
-        let mut protobuf = Vec::new();
-        for event in [&b"first event"[..], b"", b"the third"] {
-            protobuf.extend_from_slice(&u32::try_from(event.len()).unwrap_or(0).to_be_bytes());
-            protobuf.extend_from_slice(event);
-        }
-        counts_however_cut("application/vnd.kubernetes.protobuf;stream=watch", &protobuf, 3);
-        // A frame not yet complete is not counted.
-        let mut counter = EventCounter::for_content_type("application/vnd.kubernetes.protobuf;stream=watch");
-        assert_eq!(counter.count(&protobuf[..protobuf.len() - 1]), 2);
-        assert_eq!(counter.count(&protobuf[protobuf.len() - 1..]), 1);
-    }
 
     #[tokio::test]
     async fn a_long_running_body_ends_cleanly_at_shutdown() {

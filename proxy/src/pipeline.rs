@@ -108,14 +108,7 @@ impl Pipeline {
                     account.sent_objects(objects.0);
                 }
                 let upstream = outcome == Outcome::Forwarded;
-                let events = (outcome == Outcome::Cache && verb == Verb::Watch).then(|| {
-                    let content_type = response
-                        .headers()
-                        .get(http::header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    crate::body::EventCounter::for_content_type(content_type)
-                });
+                let events = response.extensions().get::<kache_cache::reads::Events>().cloned();
                 let account = Arc::clone(account);
                 response.map(|body| {
                     crate::body::chunked(crate::body::Counted::new(body, account, upstream, events))

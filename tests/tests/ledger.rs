@@ -112,6 +112,16 @@ async fn the_ledger_charges_each_client_what_the_audit_log_saw_from_it() {
         let path = format!("/api/v1/namespaces/{ns}/configmaps/cm-{i}?resourceVersion=0");
         assert_eq!(get(&kache, &reader, &path, &mut received).await.status(), 200);
     }
+    // A watch from memory, from `0`: the three configmaps, then its end at
+    // its timeout.
+    let watch = format!("/api/v1/namespaces/{ns}/configmaps?watch=true&resourceVersion=0&timeoutSeconds=1");
+    let response = get(&kache, &reader, &watch, &mut received).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.body().iter().filter(|b| **b == b'\n').count(),
+        3,
+        "{response:?}"
+    );
     // Consistent reads: forwarded.
     for _ in 0..3 {
         let path = format!("/api/v1/namespaces/{ns}/configmaps");
@@ -147,7 +157,7 @@ async fn the_ledger_charges_each_client_what_the_audit_log_saw_from_it() {
     outcomes.retain(|_, n| *n > 0);
     assert_eq!(
         outcomes,
-        BTreeMap::from([("cache".to_string(), 12), ("forwarded".to_string(), 3)]),
+        BTreeMap::from([("cache".to_string(), 13), ("forwarded".to_string(), 3)]),
         "{view:#}"
     );
     assert_eq!(
@@ -155,10 +165,10 @@ async fn the_ledger_charges_each_client_what_the_audit_log_saw_from_it() {
         BTreeMap::from([("forwarded".to_string(), 4)])
     );
     // Every body byte the clients received, and the objects kache rendered
-    // itself: 10 lists of 3 configmaps and 2 GETs.
+    // itself: 10 lists of 3 configmaps, 2 GETs and a watch's 3 events.
     assert_eq!(delta("bytesSent"), received.bytes, "{view:#}");
     assert_eq!(writer_row["bytesSent"].as_u64().unwrap(), from_writer.bytes);
-    assert_eq!(delta("objectsSent"), 10 * 3 + 2);
+    assert_eq!(delta("objectsSent"), 10 * 3 + 2 + 3);
     assert_eq!(
         writer_row["objectsSent"], 0,
         "kache renders none of a forwarded answer"

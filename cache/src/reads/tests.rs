@@ -436,6 +436,37 @@ async fn watches_from_zero_start_with_the_state_then_follow_changes() {
 }
 
 #[tokio::test]
+async fn a_watch_counts_the_events_it_sends() {
+    let store = store_with(vec![configmap("a", "x", 2, &[]), configmap("a", "y", 3, &[])], 5);
+    let plan = plan_for(
+        "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=0",
+        None,
+    )
+    .expect("plan");
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &WatchSettings::default(),
+        || {},
+    )
+    .expect("watch");
+    let counted = response.extensions().get::<Events>().cloned().expect("counted");
+    assert_eq!(counted.take(), 0, "nothing sent yet");
+    store.apply(EventType::Added, configmap("other", "z", 6, &[]));
+    store.apply(EventType::Modified, configmap("a", "x", 7, &[("v", "2")]));
+    let events = frames(response, 3).await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(
+        counted.take(),
+        3,
+        "two replayed objects (each sent in three parts) and one change; none for another namespace"
+    );
+    assert_eq!(counted.take(), 0, "taken once");
+}
+
+#[tokio::test]
 async fn at_a_restart_watchers_get_a_last_bookmark_at_the_saved_version_then_end() {
     use futures::StreamExt;
     let store = store_with(vec![configmap("a", "x", 2, &[])], 5);
