@@ -893,6 +893,7 @@ pub fn watch(
         bookmarks,
         bookmark_interval: settings.bookmark_interval,
         ending: false,
+        timers_registered: false,
         events: Events::default(),
         _end: EndBy::new(deadline, on_end),
     };
@@ -1010,6 +1011,8 @@ struct Watcher {
     bookmark_interval: Duration,
     /// The watch ends once what it has taken is sent.
     ending: bool,
+    /// The timers were polled once: they fire (and wake the watch) from now.
+    timers_registered: bool,
     /// The frames handed out, for the proxy's accounting.
     events: Events,
     /// Dropped with the watcher: `on_end` runs.
@@ -1022,8 +1025,21 @@ impl Watcher {
     /// broadcast since, a bookmark that fell due); `None` when the watch
     /// ends — at its deadline with a clean end of stream, never an ERROR
     /// event.
+    ///
+    /// The timers are polled (their wakers registered) at the first call and
+    /// on the way to `Pending`; in between, whether they fired is read
+    /// without polling them: each event costs a poll of each, not two.
     fn poll_frames(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
-        if self.deadline.as_mut().poll(cx).is_ready() {
+        if !self.timers_registered {
+            self.timers_registered = true;
+            if let Some(timer) = self.bookmark_timer.as_mut() {
+                let _ = timer.as_mut().poll(cx);
+            }
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        if self.deadline.is_elapsed() {
             return Poll::Ready(None);
         }
         let mut chunk = Chunk::default();
@@ -1044,7 +1060,7 @@ impl Watcher {
             }
         }
         if self.live && self.queued.is_empty() && !self.ending {
-            if let Some(frame) = self.poll_bookmark(cx) {
+            if let Some(frame) = self.bookmark(cx, chunk.is_empty()) {
                 chunk.push(frame);
                 events += 1;
             }
@@ -1052,7 +1068,7 @@ impl Watcher {
         if !chunk.is_empty() {
             self.events.add(events);
             Poll::Ready(Some(chunk))
-        } else if self.ending {
+        } else if self.ending || self.deadline.as_mut().poll(cx).is_ready() {
             Poll::Ready(None)
         } else {
             Poll::Pending
@@ -1132,19 +1148,24 @@ impl Watcher {
     /// version; the next one is scheduled (the one before the deadline is
     /// the last). Asked only once everything taken is queued for the client:
     /// a bookmark never runs ahead of the events up to its version.
-    fn poll_bookmark(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+    ///
+    /// The timer is polled when `polling` (the watch is about to wait), else
+    /// only read.
+    fn bookmark(&mut self, cx: &mut Context<'_>, polling: bool) -> Option<Bytes> {
         let timer = self.bookmark_timer.as_mut()?;
-        if timer.as_mut().poll(cx).is_pending() {
+        let fired = if polling {
+            timer.as_mut().poll(cx).is_ready()
+        } else {
+            timer.is_elapsed()
+        };
+        if !fired {
             return None;
         }
         let due = timer.deadline();
         let deadline = self.deadline.deadline();
         match next_bookmark_at(Instant::now(), self.bookmark_interval, deadline).filter(|at| *at > due) {
-            Some(at) => {
-                timer.as_mut().reset(at);
-                // Registers the timer's waker for its new instant.
-                let _ = timer.as_mut().poll(cx);
-            }
+            // Registered again for its new instant.
+            Some(at) => timer.as_mut().reset(at),
             None => self.bookmark_timer = None,
         }
         (self.seen > self.started_at).then(|| self.frames.bookmark(&self.store, self.seen))
