@@ -1059,6 +1059,10 @@ impl Watcher {
                 }
             }
         }
+        if self.queued.is_empty() && self.queued.capacity() > MAX_SLICES {
+            // A relist's burst does not stay allocated for the rest of the watch.
+            self.queued = VecDeque::new();
+        }
         if self.live && self.queued.is_empty() && !self.ending {
             if let Some(frame) = self.bookmark(cx, chunk.is_empty()) {
                 chunk.push(frame);
