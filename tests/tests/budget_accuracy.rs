@@ -40,12 +40,17 @@ async fn the_budget_counts_what_resident_memory_shows() {
 
     let kache = Kache::start(&c.admin_kubeconfig);
     let list = format!("{}{collection}?resourceVersion=0&limit=1", kache.url());
-    // Warm up kache's other state (discovery, connections) with another resource.
+    // Warm up kache's other state (discovery, connections) with another
+    // resource, and its transport with the same list passed through (a
+    // consistent read, forwarded): what streaming a list of this size
+    // leaves resident is the transport's, not the store's.
     let _ = http_get(
         &format!("{}/api/v1/namespaces/{ns}/secrets?resourceVersion=0", kache.url()),
         &[],
     )
     .await;
+    let forwarded = http_get(&format!("{}{collection}", kache.url()), &[]).await;
+    assert_eq!(forwarded.status(), 200);
     let idle = kache.rss_bytes();
     for _ in 0..100 {
         let _ = http_get(&list, &[]).await;

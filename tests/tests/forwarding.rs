@@ -32,6 +32,7 @@ async fn more_forwarded_watches_than_an_http2_connection_carries_hold_up_nothing
         kache.url()
     );
 
+    let idle = kache.rss_bytes();
     let mut open = Vec::new();
     for i in 0..WATCHES {
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -48,6 +49,9 @@ async fn more_forwarded_watches_than_an_http2_connection_carries_hold_up_nothing
         // Held open: the client and the unread body.
         open.push((client, response.into_body()));
     }
+
+    let per_watch = kache.rss_bytes().saturating_sub(idle) / WATCHES as u64;
+    eprintln!("kache holds {per_watch} bytes per forwarded watch");
 
     // While they are all open, a plain read is forwarded and answered.
     let started = Instant::now();

@@ -438,20 +438,8 @@ async fn watches_from_zero_start_with_the_state_then_follow_changes() {
 #[tokio::test]
 async fn a_watch_counts_the_events_it_sends() {
     let store = store_with(vec![configmap("a", "x", 2, &[]), configmap("a", "y", 3, &[])], 5);
-    let plan = plan_for(
-        "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=0",
-        None,
-    )
-    .expect("plan");
-    let response = watch(
-        plan,
-        Arc::new(spec(false)),
-        store.clone(),
-        Encoding::Json,
-        &WatchSettings::default(),
-        || {},
-    )
-    .expect("watch");
+    let uri = "/api/v1/namespaces/a/configmaps?watch=true&resourceVersion=0";
+    let response = start_watch(&store, uri, Encoding::Json);
     let counted = response.extensions().get::<Events>().cloned().expect("counted");
     assert_eq!(counted.take(), 0, "nothing sent yet");
     store.apply(EventType::Added, configmap("other", "z", 6, &[]));
