@@ -357,7 +357,14 @@ fn build_service(kube_config: &kube::Config, config: &UpstreamConfig) -> Result<
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.connect_timeout));
+    // A connection whose peer vanished without a word (a partition, a
+    // node gone) is found dead within a minute: 30 s idle, then three
+    // probes 10 s apart. A watch, kache's own or a client's, would
+    // otherwise wait on it for the kernel's default of eleven minutes and
+    // more.
     http.set_keepalive(Some(Duration::from_secs(30)));
+    http.set_keepalive_interval(Some(Duration::from_secs(10)));
+    http.set_keepalive_retries(Some(3));
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
