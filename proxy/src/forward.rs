@@ -193,7 +193,7 @@ pub async fn forward(
 
     let client_upgrade = hyper::upgrade::on(&mut request);
     let mut response = upstream
-        .send(upstream_request(request, true, who, None), Exchange::Upgrade)
+        .send(upstream_request(request, true, who, None), Exchange::LongRunning)
         .await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok(hold(client_response(response), permit));

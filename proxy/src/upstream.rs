@@ -59,10 +59,9 @@ pub enum SetupError {
 pub enum Exchange {
     /// Response headers expected within the configured timeout.
     Short,
-    /// Watches, logs, proxying: the response may take as long as it likes.
+    /// Watches, logs, proxying, upgrades (SPDY or WebSocket): the response
+    /// may take as long as it likes.
     LongRunning,
-    /// `Connection: Upgrade` (SPDY or WebSocket): HTTP/1.1 only, long-running.
-    Upgrade,
 }
 
 impl Upstream {
@@ -210,7 +209,7 @@ impl Upstream {
             Exchange::Short => tokio::time::timeout(self.timeout, call)
                 .await
                 .map_err(|_| ProxyError::UpstreamTimeout(self.timeout))?,
-            Exchange::LongRunning | Exchange::Upgrade => call.await,
+            Exchange::LongRunning => call.await,
         };
         result.map_err(classify_error)
     }
