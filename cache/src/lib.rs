@@ -27,6 +27,7 @@
 pub mod atom;
 pub mod chunk;
 pub mod discovery;
+pub mod filed;
 pub mod flight;
 pub mod list;
 pub mod list_stream;

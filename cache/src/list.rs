@@ -29,7 +29,8 @@
 //! most 16 chunks (hyper's write queue), which copy nothing: what an answer
 //! holds beyond the store is a reference to its items.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -50,6 +51,20 @@ pub struct Items {
     count: usize,
     /// The protobuf field headers' buffer.
     prefix_bytes: usize,
+    /// The parts copied into a memory file, for answers sent with
+    /// `sendfile` (see [`crate::filed`]).
+    filing: Mutex<Filing>,
+}
+
+#[derive(Debug, Default)]
+struct Filing {
+    /// Answers that could have been sent from the file.
+    asked: u32,
+    filed: Option<Bytes>,
+    /// When an answer last took the file.
+    used: Option<Instant>,
+    /// Filing failed once: these items are sent from their parts.
+    failed: bool,
 }
 
 impl Items {
@@ -96,6 +111,44 @@ impl Items {
             parts: parts.into(),
             count,
             prefix_bytes,
+            filing: Mutex::default(),
+        }
+    }
+
+    /// The items in one memory file, for an answer its socket sends with
+    /// `sendfile`: made by the second such answer (a list asked once per
+    /// version, as under steady churn, is never copied), kept for the
+    /// answers after it until [`Items::release_idle`]. `None` if the items
+    /// are too small to be worth a file, or filing failed (the answer is
+    /// sent from the parts).
+    pub fn filed(&self) -> Option<Bytes> {
+        if self.len < crate::filed::MIN_LEN {
+            return None;
+        }
+        let mut filing = self.filing.lock().unwrap_or_else(PoisonError::into_inner);
+        filing.asked = filing.asked.saturating_add(1);
+        if filing.filed.is_none() && filing.asked >= 2 && !filing.failed {
+            match crate::filed::file(&self.parts, self.len) {
+                Ok(filed) => filing.filed = Some(filed),
+                Err(error) => {
+                    tracing::warn!(%error, bytes = self.len, "cannot file a list: sending it from memory");
+                    filing.failed = true;
+                }
+            }
+        }
+        let filed = filing.filed.clone()?;
+        filing.used = Some(Instant::now());
+        Some(filed)
+    }
+
+    /// Lets go of the items' file if no answer took it for `idle` (answers
+    /// still sending it keep it until they are done).
+    pub fn release_idle(&self, idle: Duration) {
+        let mut filing = self.filing.lock().unwrap_or_else(PoisonError::into_inner);
+        if filing.used.is_some_and(|used| used.elapsed() >= idle) {
+            filing.filed = None;
+            filing.used = None;
+            filing.asked = 0;
         }
     }
 
@@ -104,9 +157,20 @@ impl Items {
         self.count
     }
 
-    /// Bytes held beyond the objects' own (for the memory budget).
+    /// Bytes held beyond the objects' own (for the memory budget): the
+    /// parts, and the file if there is one.
     pub fn overhead(&self) -> usize {
-        std::mem::size_of::<Items>() + self.parts.len() * std::mem::size_of::<Bytes>() + self.prefix_bytes
+        let filed = self
+            .filing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .filed
+            .as_ref()
+            .map_or(0, Bytes::len);
+        std::mem::size_of::<Items>()
+            + self.parts.len() * std::mem::size_of::<Bytes>()
+            + self.prefix_bytes
+            + filed
     }
 }
 
@@ -115,6 +179,8 @@ impl Items {
 pub struct ListBody {
     head: Bytes,
     items: Arc<Items>,
+    /// The items' file, for a socket that sends it with `sendfile`.
+    filed: Option<Bytes>,
     tail: Bytes,
     encoding: Encoding,
     len: usize,
@@ -169,6 +235,7 @@ impl ListBody {
             len: head.len() + items.len + tail.len(),
             head: Bytes::from(head),
             items,
+            filed: None,
             tail,
             encoding,
         }
@@ -189,17 +256,32 @@ impl ListBody {
         self.items.count
     }
 
-    /// The answer's bytes, in order: the head, the items in chunks of
-    /// [`MAX_SLICES`] shared parts, the tail; nothing copied.
+    /// Sends the items from their memory file where there is one (see
+    /// [`Items::filed`]): for an answer whose socket writer sends filed
+    /// bytes with `sendfile`. The bytes are the same.
+    #[must_use]
+    pub fn from_file(mut self) -> ListBody {
+        self.filed = self.items.filed();
+        self
+    }
+
+    /// The answer's bytes, in order: the head, the items (their file in one
+    /// chunk, or chunks of [`MAX_SLICES`] shared parts), the tail; nothing
+    /// copied.
     pub fn chunks(self) -> impl Iterator<Item = Chunk> + Send {
         let ListBody {
-            head, items, tail, ..
+            head,
+            items,
+            filed,
+            tail,
+            ..
         } = self;
-        let len = items.parts.len();
+        let len = if filed.is_some() { 0 } else { items.parts.len() };
         let ranges = (0..len)
             .step_by(MAX_SLICES)
             .map(move |start| start..(start + MAX_SLICES).min(len));
         std::iter::once(Chunk::from(head))
+            .chain(filed.map(Chunk::from))
             .chain(ranges.map(move |range| Chunk::shared(&items.parts, range)))
             .chain(std::iter::once(Chunk::from(tail)))
     }
@@ -426,5 +508,70 @@ mod tests {
         let body = ListBody::protobuf("PodList", "v1", 42, items(&objects));
         assert_eq!(body.len(), expected.len());
         assert_eq!(body.to_vec(), expected);
+    }
+
+    #[test]
+    fn a_list_asked_again_is_sent_from_its_file_with_the_same_bytes() {
+        let objects: Vec<Arc<Object>> = (0..1_000)
+            .map(|i| configmap_of(&format!("cm-{i:04}"), 500))
+            .collect();
+        let items = items(&objects);
+        assert!(items.len >= crate::filed::MIN_LEN, "large enough to file");
+        let body = || ListBody::json("ConfigMapList", "v1", 7, false, Arc::clone(&items));
+        let expected = body().to_vec();
+        let bare = items.overhead();
+
+        // The first answer per version is sent from the store's bytes.
+        let first = body().from_file();
+        assert!(first.filed.is_none());
+        assert_eq!(first.to_vec(), expected);
+        // The second files them: head, the file whole, tail.
+        let second = body().from_file();
+        let chunks: Vec<Chunk> = second.chunks().collect();
+        assert_eq!(chunks.len(), 3);
+        assert!(crate::filed::is_filed(bytes::Buf::chunk(&chunks[1])));
+        assert_eq!(bytes::Buf::remaining(&chunks[1]), items.len);
+        let bytes: Vec<u8> = chunks
+            .iter()
+            .flat_map(|c| c.slices().flatten().copied().collect::<Vec<_>>())
+            .collect();
+        assert_eq!(bytes, expected);
+        assert_eq!(items.overhead(), bare + items.len, "the file is counted");
+        // Later answers share the same file.
+        let third = body().from_file();
+        assert_eq!(
+            third.filed.as_ref().map(|b| b.as_ptr()),
+            items
+                .filing
+                .lock()
+                .expect("lock")
+                .filed
+                .as_ref()
+                .map(|b| b.as_ptr())
+        );
+        assert_eq!(third.to_vec(), expected);
+
+        // Used just now: kept.
+        items.release_idle(Duration::from_secs(60));
+        assert_eq!(items.overhead(), bare + items.len);
+        items.release_idle(Duration::ZERO);
+        assert_eq!(items.overhead(), bare, "released");
+        // Filed again only when asked twice again.
+        assert!(body().from_file().filed.is_none());
+        assert!(body().from_file().filed.is_some());
+    }
+
+    #[test]
+    fn small_lists_are_never_filed() {
+        let objects = vec![configmap("a", 3), configmap("b", 4)];
+        let items = items(&objects);
+        for _ in 0..3 {
+            assert!(
+                ListBody::json("ConfigMapList", "v1", 5, false, Arc::clone(&items))
+                    .from_file()
+                    .filed
+                    .is_none()
+            );
+        }
     }
 }

@@ -150,6 +150,10 @@ pub struct ReadPlan {
     /// one would misread (it ignores `sendInitialEvents`): kache answers the
     /// 422 itself ([`invalid`]); the other fields are then meaningless.
     pub invalid: Option<Invalid>,
+    /// The answer goes to a socket whose writer sends filed bytes with
+    /// `sendfile` (see [`crate::filed`]): an unfiltered list may be sent
+    /// from its memory file. The caller that knows the connection sets it.
+    pub zero_copy: bool,
 }
 
 /// Query parameters a cached answer honours (or, like `limit` at version 0,
@@ -227,6 +231,7 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
                 version: MinVersion::Any,
                 accept,
                 invalid: Some(invalid),
+                zero_copy: false,
             });
         }
     }
@@ -280,6 +285,7 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
         version,
         accept,
         invalid: None,
+        zero_copy: false,
     })
 }
 
@@ -688,11 +694,17 @@ pub fn list_body(plan: &ReadPlan, spec: &ResourceSpec, store: &Store, encoding: 
         )
     };
     let kind = format!("{}List", spec.kind);
-    match encoding {
+    let body = match encoding {
         Encoding::Protobuf => ListBody::protobuf(&kind, &spec.api_version(), resource_version, items),
         // Custom resources' lists come from the apiextensions server, which
         // always writes an empty `continue`.
         Encoding::Json => ListBody::json(&kind, &spec.api_version(), resource_version, spec.custom, items),
+    };
+    // Filtered lists' items are the answer's own: never filed.
+    if unfiltered && plan.zero_copy {
+        body.from_file()
+    } else {
+        body
     }
 }
 

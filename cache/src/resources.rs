@@ -75,6 +75,9 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 const PRELOAD_PERIOD: Duration = Duration::from_secs(30);
 /// How often idle resources and the memory budget are checked.
 const JANITOR_PERIOD: Duration = Duration::from_secs(10);
+/// How long an unfiltered list's memory file is kept with no answer taking
+/// it (see [`crate::filed`]); the janitor checks it each period.
+const LIST_FILE_IDLE: Duration = Duration::from_secs(30);
 /// At most one warning per this period about snapshots that cannot be
 /// saved (a full or read-only disk would otherwise warn every interval, for
 /// every resource).
@@ -774,18 +777,32 @@ impl Cache {
             }
             !idle
         });
-        let mut sizes: Vec<(Key, usize, u64)> = inner
-            .resources
-            .iter()
-            .map(|e| {
-                (
-                    e.key().clone(),
-                    e.store.size().1,
-                    e.last_used.load(Ordering::Relaxed),
-                )
-            })
-            .collect();
+        for cached in inner.resources.iter() {
+            cached.store.release_idle_lists(LIST_FILE_IDLE);
+        }
+        let measure = || -> Vec<(Key, usize, u64)> {
+            inner
+                .resources
+                .iter()
+                .map(|e| {
+                    (
+                        e.key().clone(),
+                        e.store.size().1,
+                        e.last_used.load(Ordering::Relaxed),
+                    )
+                })
+                .collect()
+        };
+        let mut sizes = measure();
         let mut total: usize = sizes.iter().map(|(_, bytes, _)| bytes).sum();
+        if total > inner.config.memory_budget_bytes {
+            // Lists' files go first: the next list files them again.
+            for cached in inner.resources.iter() {
+                cached.store.release_idle_lists(Duration::ZERO);
+            }
+            sizes = measure();
+            total = sizes.iter().map(|(_, bytes, _)| bytes).sum();
+        }
         sizes.sort_by_key(|(_, _, last_used)| *last_used);
         for (key, bytes, _) in sizes {
             if total <= inner.config.memory_budget_bytes {

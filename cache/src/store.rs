@@ -929,6 +929,17 @@ impl Store {
         (items, state.resource_version)
     }
 
+    /// Lets go of the unfiltered list's memory file if no answer took it
+    /// for `idle` (see [`Items::release_idle`]).
+    pub fn release_idle_lists(&self, idle: std::time::Duration) {
+        let state = self.read();
+        let items = state.items.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        drop(state);
+        if let Some(items) = items {
+            items.release_idle(idle);
+        }
+    }
+
     /// One object and the store's resourceVersion.
     pub fn get(&self, namespace: &str, name: &str) -> (Option<Arc<Object>>, u64) {
         // Every held name is interned: a name that is not cannot be here.

@@ -51,6 +51,9 @@ pub struct Connection {
     certificates: Option<Vec<CertificateDer<'static>>>,
     certificate_user: OnceLock<Option<Arc<UserInfo>>>,
     last_token: RwLock<Option<RememberedToken>>,
+    /// Plain HTTP/1 on a [`crate::socket::Socket`]: lists may be sent from
+    /// their memory files.
+    zero_copy: bool,
 }
 
 #[derive(Debug)]
@@ -70,6 +73,20 @@ impl Connection {
             certificates: certificates.filter(|chain| !chain.is_empty()),
             ..Connection::default()
         }
+    }
+
+    /// A plain HTTP/1 connection whose socket sends filed lists with
+    /// `sendfile` (see [`crate::socket`]).
+    pub fn zero_copy() -> Connection {
+        Connection {
+            zero_copy: true,
+            ..Connection::default()
+        }
+    }
+
+    /// Whether answers may be sent from memory files.
+    pub fn is_zero_copy(&self) -> bool {
+        self.zero_copy
     }
 
     /// The user of the connection's client certificate, parsed once.

@@ -30,6 +30,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;
+pub mod socket;
 pub mod status;
 pub mod status_page;
 pub mod tls;

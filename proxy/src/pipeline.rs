@@ -143,8 +143,15 @@ impl Pipeline {
         // route: discovery and cacheable reads from memory (authorized for
         // the caller first), identical reads coalesced, everything else to
         // the upstream.
-        let plan = (info.is_resource_request && info.verb().is_read())
-            .then(|| self.cache.plan(&info, request.uri().query(), request.headers()));
+        let zero_copy = request
+            .extensions()
+            .get::<Arc<Connection>>()
+            .is_some_and(|connection| connection.is_zero_copy());
+        let plan = (info.is_resource_request && info.verb().is_read()).then(|| {
+            self.cache
+                .plan(&info, request.uri().query(), request.headers())
+                .map(|plan| ReadPlan { zero_copy, ..plan })
+        });
         let from_memory = match &plan {
             Some(plan) => plan.is_ok(),
             None => discovery::classify_path(request.uri().path()).is_some(),

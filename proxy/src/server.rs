@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::authn::Connection;
 use crate::body::Body;
+use crate::socket::Socket;
 
 /// A client that has not finished its TLS handshake by then is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,8 +117,17 @@ pub async fn serve<H, F>(
                 match settings.tls {
                     None => {
                         if let Some(version) = detect(&stream, settings.header_read_timeout).await {
-                            let service = service(Arc::new(Connection::new(None)));
-                            protocols.serve(version, stream, service, shutdown).await;
+                            // Lists go by `sendfile` on plain HTTP/1 only:
+                            // HTTP/2 would send a file in 16 KB frames, each
+                            // a write of its own after its frame header.
+                            let connection = match version {
+                                Version::Http1 => Connection::zero_copy(),
+                                Version::Http2 => Connection::new(None),
+                            };
+                            let service = service(Arc::new(connection));
+                            protocols
+                                .serve(version, Socket::new(stream), service, shutdown)
+                                .await;
                         }
                     }
                     // Boxed, as every state but plain HTTP/1's (the TLS

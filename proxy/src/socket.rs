@@ -1,0 +1,151 @@
+//! A plain TCP client connection's socket: reads and writes as the stream's
+//! own, except that a slice of a filed list (see [`kache_cache::filed`]) is
+//! sent with `sendfile` from its memory file instead of copied from memory.
+//!
+//! hyper's HTTP/1 writer hands the socket its queued slices in one
+//! vectored write: the response head and the body's chunks. The slices
+//! before a filed one are written as they are; a filed slice at the front
+//! is sent from its file; the writer comes back for the rest, as after any
+//! partial write.
+
+use std::io::{self, IoSlice};
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use kache_cache::filed;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A client's TCP stream that sends filed slices with `sendfile`.
+#[derive(Debug)]
+pub struct Socket {
+    stream: TcpStream,
+}
+
+impl Socket {
+    pub fn new(stream: TcpStream) -> Socket {
+        Socket { stream }
+    }
+
+    /// Sends `slice`, which lies in a filed list, once the socket can take
+    /// some of it: how much it took.
+    fn poll_send_filed(&self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream.poll_write_ready(cx))?;
+            let sent = self.stream.try_io(Interest::WRITABLE, || {
+                filed::send(self.stream.as_fd(), slice)
+                    .unwrap_or_else(|| Err(io::Error::other("a filed slice's file is gone")))
+            });
+            match sent {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if filed::is_filed(buf) {
+            return this.poll_send_filed(cx, buf);
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match bufs.iter().position(|buf| filed::is_filed(buf)) {
+            Some(0) => this.poll_send_filed(cx, &bufs[0]),
+            Some(first) => Pin::new(&mut this.stream).poll_write_vectored(cx, &bufs[..first]),
+            None => Pin::new(&mut this.stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn filed_and_heap_slices_arrive_in_order() {
+        let parts: Vec<Bytes> = (0..20_000)
+            .map(|i| Bytes::from(format!("{{\"n\":{i}}},")))
+            .collect();
+        let len = parts.iter().map(Bytes::len).sum();
+        let filed = filed::file(&parts, len).expect("memfd");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"));
+        let (accepted, client) = tokio::join!(listener.accept(), client);
+        let mut socket = Socket::new(accepted.expect("accept").0);
+        let mut client = client.expect("connect");
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            client.read_to_end(&mut out).await.expect("read");
+            out
+        });
+        let head = Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n");
+        let tail = Bytes::from_static(b"]}\n");
+        let slices = [
+            head.clone(),
+            filed.slice(..1000),
+            filed.slice(1000..),
+            tail.clone(),
+        ];
+        let mut expected = Vec::new();
+        for slice in &slices {
+            expected.extend_from_slice(slice);
+        }
+        // A vectored write at a time, advanced like hyper's queue.
+        let mut at = 0;
+        let mut offset = 0;
+        while at < slices.len() {
+            let iov: Vec<IoSlice<'_>> = std::iter::once(IoSlice::new(&slices[at][offset..]))
+                .chain(slices[at + 1..].iter().map(|s| IoSlice::new(s)))
+                .collect();
+            let mut n = std::future::poll_fn(|cx| Pin::new(&mut socket).poll_write_vectored(cx, &iov))
+                .await
+                .expect("write");
+            while n > 0 {
+                let left = slices[at].len() - offset;
+                if n >= left {
+                    n -= left;
+                    at += 1;
+                    offset = 0;
+                } else {
+                    offset += n;
+                    n = 0;
+                }
+            }
+        }
+        socket.shutdown().await.expect("shutdown");
+        assert_eq!(reader.await.expect("reader"), expected);
+    }
+}
