@@ -344,6 +344,11 @@ p(f"| current (peak `VmHWM`) | {mib(m['rssIdleKb'])} | {mib(m['rssJsonKb'])} | {
   f"| {mib(m['rssAfterLoadKb'])} ({mib(m['hwmAfterLoadKb'])}) | {mib(m['rssEndKb'])} ({mib(m['hwmEndKb'])}) |")
 p(f"| growth ÷ raw JSON | | **{growth_json / raw['itemBytes']:.2f}×** | {growth_all / raw['itemBytes']:.2f}× | | |")
 p("")
+if m.get("filesAfterLoadKb") is not None:
+    p(f"Besides its RSS, after scenario 1 kache held {mib(m['filesAfterLoadKb'])} of list files: the unfiltered "
+      "lists, copied once per version into sealed memory files that plain HTTP/1 answers are sent from with "
+      "`sendfile` (shared memory, counted in the memory budget with the store; let go of after 30 s unused).")
+    p("")
 
 # 3 ------------------------------------------------------------------------
 def upstream(r):

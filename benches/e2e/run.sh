@@ -92,6 +92,16 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# kache's list files (memory files sent with sendfile, see cache/src/filed.rs):
+# shared memory, in VmRSS only for pages kache read through the mapping.
+files_kb() {
+  local total=0 fd
+  for fd in /proc/"$1"/fd/*; do
+    [[ $(readlink "$fd" 2>/dev/null) == /memfd:kache-list* ]] || continue
+    total=$(( total + $(stat -L -c %s "$fd" 2>/dev/null || echo 0) ))
+  done
+  echo $(( total / 1024 ))
+}
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 mem_available_mb() { awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo; }
 # json_field FILE KEY: one top-level field of a JSON file.
@@ -291,6 +301,7 @@ for enc in json protobuf; do
 done
 rss_after_load=$(rss_kb "$kache_pid")
 hwm_after_load=$(hwm_kb "$kache_pid")
+files_after_load=$(files_kb "$kache_pid")
 curl -fsS "$ADMIN_URL/metrics" > "$work/metrics-after-list.txt" || true
 nginx_stop
 [[ -n "$shm" ]] && rm -rf "$shm" && shm=
@@ -432,6 +443,7 @@ cat > "$json/machine.json" <<EOF
   "rssFilledKb": $rss_filled,
   "rssAfterLoadKb": $rss_after_load,
   "hwmAfterLoadKb": $hwm_after_load,
+  "filesAfterLoadKb": $files_after_load,
   "rssEndKb": $rss_end,
   "hwmEndKb": $hwm_end
 }

@@ -20,7 +20,10 @@
 //! the objects to take a reference to each one's bytes, per answer, was a
 //! fifth of kache's CPU (a cache miss or two per object); with the items
 //! shared, kache's own code is 2 % of it and the kernel's copy into the
-//! socket 40 %. Filtered lists assemble their items per answer. The bytes are exactly those [`crate::reads`] rendered
+//! socket 40 %. That copy goes too once the same items are asked for again
+//! over plain HTTP/1: they are copied once into a memory file and sent from
+//! it with `sendfile` ([`Items::filed`], [`crate::filed`]). Filtered lists
+//! assemble their items per answer. The bytes are exactly those [`crate::reads`] rendered
 //! into one buffer before (and the API server sends): see the tests.
 //!
 //! On the wire a chunk is one body frame and one `writev` of up to 64
@@ -53,7 +56,7 @@ pub struct Items {
     prefix_bytes: usize,
     /// The parts copied into a memory file, for answers sent with
     /// `sendfile` (see [`crate::filed`]).
-    filing: Mutex<Filing>,
+    filing: Arc<Mutex<Filing>>,
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +64,8 @@ struct Filing {
     /// Answers that could have been sent from the file.
     asked: u32,
     filed: Option<Bytes>,
+    /// Being copied into a file (on a blocking thread).
+    copying: bool,
     /// When an answer last took the file.
     used: Option<Instant>,
     /// Filing failed once: these items are sent from their parts.
@@ -111,28 +116,51 @@ impl Items {
             parts: parts.into(),
             count,
             prefix_bytes,
-            filing: Mutex::default(),
+            filing: Arc::default(),
         }
     }
 
     /// The items in one memory file, for an answer its socket sends with
-    /// `sendfile`: made by the second such answer (a list asked once per
-    /// version, as under steady churn, is never copied), kept for the
-    /// answers after it until [`Items::release_idle`]. `None` if the items
-    /// are too small to be worth a file, or filing failed (the answer is
-    /// sent from the parts).
+    /// `sendfile`, once there is one. The second such answer starts the
+    /// copy (a list asked once per version, as under steady churn, is never
+    /// copied), on a blocking thread: no answer waits for it, they are sent
+    /// from the parts until it is done (outside a runtime it is copied at
+    /// once). The file is kept for the answers after it until
+    /// [`Items::release_idle`]. Never for items too small to be worth a
+    /// file, nor once filing failed.
     pub fn filed(&self) -> Option<Bytes> {
         if self.len < crate::filed::MIN_LEN {
             return None;
         }
         let mut filing = self.filing.lock().unwrap_or_else(PoisonError::into_inner);
         filing.asked = filing.asked.saturating_add(1);
-        if filing.filed.is_none() && filing.asked >= 2 && !filing.failed {
-            match crate::filed::file(&self.parts, self.len) {
-                Ok(filed) => filing.filed = Some(filed),
-                Err(error) => {
-                    tracing::warn!(%error, bytes = self.len, "cannot file a list: sending it from memory");
-                    filing.failed = true;
+        if filing.filed.is_none() && filing.asked >= 2 && !filing.copying && !filing.failed {
+            filing.copying = true;
+            let (parts, len, state) = (Arc::clone(&self.parts), self.len, Arc::clone(&self.filing));
+            let copy = move || {
+                if Arc::strong_count(&state) == 1 {
+                    return; // The items were let go of meanwhile.
+                }
+                let filed = crate::filed::file(&parts, len);
+                let mut filing = state.lock().unwrap_or_else(PoisonError::into_inner);
+                filing.copying = false;
+                match filed {
+                    Ok(filed) => {
+                        filing.filed = Some(filed);
+                        filing.used = Some(Instant::now());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, bytes = len, "cannot file a list: sending it from memory");
+                        filing.failed = true;
+                    }
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(copy)),
+                Err(_) => {
+                    drop(filing);
+                    copy();
+                    filing = self.filing.lock().unwrap_or_else(PoisonError::into_inner);
                 }
             }
         }
@@ -573,5 +601,29 @@ mod tests {
                     .is_none()
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn within_a_runtime_the_file_is_made_aside_and_used_once_ready() {
+        let objects: Vec<Arc<Object>> = (0..1_000)
+            .map(|i| configmap_of(&format!("cm-{i:04}"), 500))
+            .collect();
+        let items = items(&objects);
+        let body = || ListBody::json("ConfigMapList", "v1", 7, false, Arc::clone(&items));
+        let expected = body().to_vec();
+        assert!(body().from_file().filed.is_none(), "the first answer");
+        // The second starts the copy and does not wait for it.
+        let second = body().from_file();
+        assert_eq!(second.to_vec(), expected);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let third = loop {
+            let answer = body().from_file();
+            if answer.filed.is_some() {
+                break answer;
+            }
+            assert!(Instant::now() < deadline, "never filed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(third.to_vec(), expected);
     }
 }
