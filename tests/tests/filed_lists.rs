@@ -99,7 +99,11 @@ async fn lists_asked_again_go_from_a_file_with_the_same_bytes() {
         let same = |answer: usize| {
             let before = hits(&kache, encoding);
             let again = raw::get_with(kache.addr(), LIST, &[("Accept", accept)]).unwrap();
-            assert_eq!(hits(&kache, encoding), before + 1.0, "answer {answer} from memory");
+            assert_eq!(
+                hits(&kache, encoding),
+                before + 1.0,
+                "answer {answer} from memory"
+            );
             assert_eq!(again.status, 200);
             assert_eq!(again.header("content-length"), first.header("content-length"));
             assert!(
