@@ -9,8 +9,9 @@
 //! reuses the memory. Pages of a file can, because the kernel counts their
 //! references itself.
 //!
-//! So an unfiltered list sent again at the same version is copied once into
-//! a memory file ([`file`]): `memfd_create`, the bytes written, then sealed
+//! So an unfiltered list sent again at the same version (once its store
+//! has stood still for a second: [`crate::list::Items::filed`]) is copied
+//! once into a memory file ([`file`]): `memfd_create`, the bytes written, then sealed
 //! against writing, growing and shrinking, and mapped read-only. Its bytes
 //! are a [`Bytes`] like any other (TLS, HTTP/2 and tests read them through
 //! the mapping), and the file is registered by the address range of its
@@ -20,8 +21,8 @@
 //! the pages live as long as a socket buffer holds them, whatever kache
 //! does with the file after.
 //!
-//! What it costs: one copy of the list per version into the file (the
-//! first answer sends from the store's bytes; the second files them), and
+//! What it costs: one copy of the list per version into the file, on a
+//! blocking thread (answers meanwhile are sent from the store's bytes), and
 //! the file's pages while it is held (counted in the memory budget with the
 //! store's items, released once no list has used them for a while: see
 //! [`crate::store::Store::release_idle_lists`]). The pages are shared

@@ -57,7 +57,13 @@ pub struct Items {
     /// The parts copied into a memory file, for answers sent with
     /// `sendfile` (see [`crate::filed`]).
     filing: Arc<Mutex<Filing>>,
+    /// When the items were assembled: since then the store has not changed.
+    made: Instant,
 }
+
+/// How long items must have stood unchanged before they are copied into a
+/// file (see [`Items::filed`]).
+pub const FILE_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Default)]
 struct Filing {
@@ -117,24 +123,34 @@ impl Items {
             count,
             prefix_bytes,
             filing: Arc::default(),
+            made: Instant::now(),
         }
     }
 
     /// The items in one memory file, for an answer its socket sends with
-    /// `sendfile`, once there is one. The second such answer starts the
-    /// copy (a list asked once per version, as under steady churn, is never
-    /// copied), on a blocking thread: no answer waits for it, they are sent
-    /// from the parts until it is done (outside a runtime it is copied at
-    /// once). The file is kept for the answers after it until
-    /// [`Items::release_idle`]. Never for items too small to be worth a
-    /// file, nor once filing failed.
+    /// `sendfile`, once there is one.
+    ///
+    /// The copy is started by an answer that finds the items asked for
+    /// before and at least [`FILE_AFTER`] old: a store that stood still
+    /// that long is likely to be listed again at the same version, while
+    /// under churn each version is listed a few times at most and a copy
+    /// would cost more than it saves. It runs on a blocking thread: no
+    /// answer waits for it, they are sent from the parts until it is done
+    /// (outside a runtime it is copied at once). The file is kept for the
+    /// answers after it until [`Items::release_idle`]. Never for items too
+    /// small to be worth a file, nor once filing failed.
     pub fn filed(&self) -> Option<Bytes> {
         if self.len < crate::filed::MIN_LEN {
             return None;
         }
         let mut filing = self.filing.lock().unwrap_or_else(PoisonError::into_inner);
         filing.asked = filing.asked.saturating_add(1);
-        if filing.filed.is_none() && filing.asked >= 2 && !filing.copying && !filing.failed {
+        if filing.filed.is_none()
+            && filing.asked >= 2
+            && self.made.elapsed() >= FILE_AFTER
+            && !filing.copying
+            && !filing.failed
+        {
             filing.copying = true;
             let (parts, len, state) = (Arc::clone(&self.parts), self.len, Arc::clone(&self.filing));
             let copy = move || {
@@ -549,11 +565,14 @@ mod tests {
         let expected = body().to_vec();
         let bare = items.overhead();
 
-        // The first answer per version is sent from the store's bytes.
+        // The first answer per version is sent from the store's bytes, and
+        // so is the second while the items are younger than FILE_AFTER.
         let first = body().from_file();
         assert!(first.filed.is_none());
         assert_eq!(first.to_vec(), expected);
-        // The second files them: head, the file whole, tail.
+        assert!(body().from_file().filed.is_none(), "items changed just now");
+        std::thread::sleep(FILE_AFTER);
+        // Asked again once they stood still: filed. Head, the file whole, tail.
         let second = body().from_file();
         let chunks: Vec<Chunk> = second.chunks().collect();
         assert_eq!(chunks.len(), 3);
@@ -612,6 +631,7 @@ mod tests {
         let body = || ListBody::json("ConfigMapList", "v1", 7, false, Arc::clone(&items));
         let expected = body().to_vec();
         assert!(body().from_file().filed.is_none(), "the first answer");
+        tokio::time::sleep(FILE_AFTER).await;
         // The second starts the copy and does not wait for it.
         let second = body().from_file();
         assert_eq!(second.to_vec(), expected);
