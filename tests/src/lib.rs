@@ -1897,6 +1897,24 @@ pub async fn write_json(client: &kube::Client, method: &str, path: &str, body: O
     }
 }
 
+/// Creates `count` configmaps `cm-0000`… in `namespace`, each holding
+/// `data_bytes` of data (16 at a time): a collection whose list is large.
+pub async fn create_configmaps(client: &kube::Client, namespace: &str, count: usize, data_bytes: usize) {
+    use futures::StreamExt;
+    let data = "x".repeat(data_bytes);
+    let collection = format!("/api/v1/namespaces/{namespace}/configmaps");
+    futures::stream::iter(0..count)
+        .for_each_concurrent(16, |i| {
+            let (collection, data) = (&collection, &data);
+            async move {
+                let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": format!("cm-{i:04}")}, "data": {"blob": data}});
+                write_json(client, "POST", collection, Some(&cm)).await;
+            }
+        })
+        .await;
+}
+
 /// A copy of the kubeconfig `src` in `dir` whose server is `relay` (same CA
 /// and credentials: the serving certificate's SAN IP:127.0.0.1 matches it).
 pub fn kubeconfig_through(relay: &Relay, src: &Path, dir: &Path) -> PathBuf {

@@ -10,9 +10,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures::StreamExt;
-use kache_tests::{cluster, metric, poll_until, raw, write_json, Kache, TestNamespace};
-use serde_json::{json, Value};
+use kache_tests::{cluster, create_configmaps, metric, poll_until, raw, write_json, Kache, TestNamespace};
+use serde_json::Value;
 
 const CONFIGMAPS: usize = 120;
 /// 120 × 4 KB: a list well over the size kache files (256 KB).
@@ -75,18 +74,8 @@ async fn lists_asked_again_go_from_a_file_with_the_same_bytes() {
     let c = cluster();
     let ns = TestNamespace::create("filed");
     let direct = c.admin_client().await;
-    let data = "x".repeat(DATA_BYTES);
+    create_configmaps(&direct, ns.name(), CONFIGMAPS, DATA_BYTES).await;
     let collection = format!("/api/v1/namespaces/{ns}/configmaps");
-    futures::stream::iter(0..CONFIGMAPS)
-        .for_each_concurrent(16, |i| {
-            let (direct, collection, data) = (direct.clone(), collection.clone(), data.clone());
-            async move {
-                let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": format!("cm-{i:04}")}, "data": {"blob": data}});
-                write_json(&direct, "POST", &collection, Some(&cm)).await;
-            }
-        })
-        .await;
     let kache = Kache::start(&c.admin_kubeconfig);
     assert!(list_files(&kache).is_empty());
 

@@ -12,9 +12,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use futures::StreamExt;
-use kache_tests::{cluster, metric, write_json, Kache, TestNamespace};
-use serde_json::{json, Value};
+use kache_tests::{cluster, create_configmaps, metric, Kache, TestNamespace};
+use serde_json::Value;
 
 const CONFIGMAPS: usize = 600;
 /// Each configmap's data: 600 × 40 KB ≈ 24 MB of list.
@@ -49,18 +48,8 @@ async fn fifty_concurrent_lists_hold_the_objects_once() {
     let c = cluster();
     let ns = TestNamespace::create("list-memory");
     let direct = c.admin_client().await;
-    let data = "x".repeat(DATA_BYTES);
+    create_configmaps(&direct, ns.name(), CONFIGMAPS, DATA_BYTES).await;
     let collection = format!("/api/v1/namespaces/{ns}/configmaps");
-    futures::stream::iter(0..CONFIGMAPS)
-        .for_each_concurrent(16, |i| {
-            let (direct, collection, data) = (direct.clone(), collection.clone(), data.clone());
-            async move {
-                let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": format!("cm-{i:04}")}, "data": {"blob": data}});
-                write_json(&direct, "POST", &collection, Some(&cm)).await;
-            }
-        })
-        .await;
 
     let kache = Kache::start(&c.admin_kubeconfig);
     let path = format!("{collection}?resourceVersion=0");
