@@ -134,19 +134,44 @@ fn map(file: &File) -> io::Result<Mmap> {
     unsafe { Mmap::map(file) }
 }
 
+/// A slice lying in a filed list: where in which file.
+#[derive(Debug)]
+pub struct FiledSlice {
+    region: Arc<Region>,
+    offset: usize,
+    len: usize,
+}
+
+impl FiledSlice {
+    /// The file `slice` lies in, if it lies in a filed list.
+    pub fn find(slice: &[u8]) -> Option<FiledSlice> {
+        let (region, offset) = lookup(slice)?;
+        Some(FiledSlice {
+            region,
+            offset,
+            len: slice.len(),
+        })
+    }
+
+    /// Writes the slice to `socket` with `sendfile`: how much it took.
+    ///
+    /// # Errors
+    /// As `sendfile(2)`, `WouldBlock` included: the caller waits for the
+    /// socket and asks again.
+    pub fn send(&self, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut offset = self.offset as u64;
+        rustix::fs::sendfile(socket, self.region.file.as_fd(), Some(&mut offset), self.len)
+            .map_err(io::Error::from)
+    }
+}
+
 /// Writes `slice` to `socket` with `sendfile` if it lies in a filed list:
 /// `None` if it does not (the caller writes it as usual).
 ///
 /// # Errors
-/// As `sendfile(2)`, `WouldBlock` included: the caller waits for the
-/// socket and asks again.
+/// As [`FiledSlice::send`].
 pub fn send(socket: BorrowedFd<'_>, slice: &[u8]) -> Option<io::Result<usize>> {
-    let (region, offset) = lookup(slice)?;
-    let mut offset = offset as u64;
-    Some(
-        rustix::fs::sendfile(socket, region.file.as_fd(), Some(&mut offset), slice.len())
-            .map_err(io::Error::from),
-    )
+    FiledSlice::find(slice).map(|filed| filed.send(socket))
 }
 
 /// Whether `slice` lies in a filed list.

@@ -20,7 +20,7 @@ use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use kache_cache::filed;
+use kache_cache::filed::FiledSlice;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -52,14 +52,13 @@ impl Socket {
 
     /// Sends `slice`, which lies in a filed list, once the socket can take
     /// some of it: how much it took.
-    fn poll_send_filed(&mut self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_send_filed(&mut self, cx: &mut Context<'_>, slice: &FiledSlice) -> Poll<io::Result<usize>> {
         self.cork(true);
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
-            let sent = self.stream.try_io(Interest::WRITABLE, || {
-                filed::send(self.stream.as_fd(), slice)
-                    .unwrap_or_else(|| Err(io::Error::other("a filed slice's file is gone")))
-            });
+            let sent = self
+                .stream
+                .try_io(Interest::WRITABLE, || slice.send(self.stream.as_fd()));
             match sent {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 result => return Poll::Ready(result),
@@ -77,8 +76,8 @@ impl AsyncRead for Socket {
 impl AsyncWrite for Socket {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if filed::is_filed(buf) {
-            return this.poll_send_filed(cx, buf);
+        if let Some(filed) = FiledSlice::find(buf) {
+            return this.poll_send_filed(cx, &filed);
         }
         Pin::new(&mut this.stream).poll_write(cx, buf)
     }
@@ -89,9 +88,13 @@ impl AsyncWrite for Socket {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match bufs.iter().position(|buf| filed::is_filed(buf)) {
-            Some(0) => this.poll_send_filed(cx, &bufs[0]),
-            Some(first) => Pin::new(&mut this.stream).poll_write_vectored(cx, &bufs[..first]),
+        let first_filed = bufs
+            .iter()
+            .enumerate()
+            .find_map(|(at, buf)| FiledSlice::find(buf).map(|filed| (at, filed)));
+        match first_filed {
+            Some((0, filed)) => this.poll_send_filed(cx, &filed),
+            Some((first, _)) => Pin::new(&mut this.stream).poll_write_vectored(cx, &bufs[..first]),
             None => Pin::new(&mut this.stream).poll_write_vectored(cx, bufs),
         }
     }
@@ -127,7 +130,7 @@ mod tests {
             .map(|i| Bytes::from(format!("{{\"n\":{i}}},")))
             .collect();
         let len = parts.iter().map(Bytes::len).sum();
-        let filed = filed::file(&parts, len).expect("memfd");
+        let filed = kache_cache::filed::file(&parts, len).expect("memfd");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let client = TcpStream::connect(listener.local_addr().expect("addr"));
         let (accepted, client) = tokio::join!(listener.accept(), client);
