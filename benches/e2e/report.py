@@ -122,13 +122,45 @@ def verdict(x, target, at_least=True):
 
 notes = []
 
+def turns(name):
+    """A side's turns (`name`, then `name-2`) as one cell: requests, time,
+    bytes, CPU, upstream requests and kache's answers summed; RSS from the
+    first start to the highest peak; the latency of each turn kept."""
+    rs = [r for r in (load(name), load(name + "-2")) if r is not None]
+    if not rs or any(not_run(r) for r in rs):
+        return next((r for r in rs if not_run(r)), None)
+    out = dict(rs[0])
+    for key in ("requests", "seconds", "bytes"):
+        out[key] = sum(r[key] for r in rs)
+    out["rps"] = out["requests"] / out["seconds"] if out["seconds"] else 0
+    out["mbps"] = out["bytes"] / 1e6 / out["seconds"] if out["seconds"] else 0
+    out["cpuSeconds"] = {k: sum((r.get("cpuSeconds") or {}).get(k, 0) for r in rs) for k in rs[0].get("cpuSeconds") or {}}
+    ups_ = [r.get("upstream") or {} for r in rs]
+    out["upstream"] = {"byKind": {k: sum(u.get("byKind", {}).get(k, 0) for u in ups_)
+                                  for k in set().union(*(u.get("byKind", {}) for u in ups_))}}
+    out["kacheAnswers"] = {k: sum((r.get("kacheAnswers") or {}).get(k, 0) for r in rs)
+                           for k in set().union(*((r.get("kacheAnswers") or {}) for r in rs))}
+    out["rssKb"] = {k: {"start": v.get("start"), "peak": max((r.get("rssKb") or {}).get(k, {}).get("peak") or 0 for r in rs)}
+                    for k, v in (rs[0].get("rssKb") or {}).items()}
+    out["errors"] = {k: sum((r.get("errors") or {}).get(k, 0) for r in rs)
+                     for k in set().union(*((r.get("errors") or {}) for r in rs))}
+    out["turns"] = rs
+    return out
+
+
+def turn_latencies(r):
+    return "; ".join(lat(t) for t in r.get("turns", [r]))
+
+
+
 # 1 ------------------------------------------------------------------------
 p(f"## 1. `GET /api/v1/pods?resourceVersion=0` throughput ({m['duration']} s per cell, closed loop, "
   "one HTTP/1.1 connection per client, no gzip)")
 p("")
-p(f"Three sides per cell, one after the other: the API server directly, kache, and nginx ({m.get('nginx', '?')}) "
-  "serving kache's own answer (the same bytes, captured once per encoding) from a tmpfs — the anchor: what a "
-  "static file server does with these bytes on this machine.")
+p(f"Three sides per cell: the API server directly, then kache and nginx ({m.get('nginx', '?')}) serving kache's "
+  "own answer (the same bytes, captured once per encoding) from a tmpfs — the anchor: what a static file server "
+  "does with these bytes on this machine. kache and nginx take turns (kache, nginx, nginx, kache), each half the "
+  "time and requests, so that the machine's drift falls on both alike; their latencies are given per turn.")
 p("")
 p("| encoding | clients | direct req/s | kache req/s | nginx req/s | **kache / direct** (target ≥ 10×) "
   "| **kache / nginx** (target ≥ 0.9×) | direct / kache / nginx MB/s "
@@ -139,7 +171,7 @@ answers = []
 for enc in ("json", "protobuf"):
     captured = load(f"nginx-body-{enc}")
     for c in (1, 8):
-        dr, kr, nr = (load(f"list-{enc}-c{c}-{side}") for side in ("direct", "kache", "nginx"))
+        dr, kr, nr = load(f"list-{enc}-c{c}-direct"), turns(f"list-{enc}-c{c}-kache"), turns(f"list-{enc}-c{c}-nginx")
         if dr is None and kr is None:
             continue
         ran = {side: r for side, r in (("direct", dr), ("kache", kr), ("nginx", nr)) if not not_run(r)}
@@ -156,7 +188,8 @@ for enc in ("json", "protobuf"):
           f"| {col(nr, lambda r: num(r['rps'], 2))} "
           f"| **{ratio(k_ and k_['rps'], d_ and d_['rps'])}**{verdict(kd, 10)} "
           f"| **{ratio(k_ and k_['rps'], n_ and n_['rps'], 2)}**{verdict(kn, 0.9)} "
-          f"| {three(lambda r: r['mbps'])} | {col(dr, lat, False)} | {col(kr, lat, False)} | {col(nr, lat, False)} "
+          f"| {three(lambda r: r['mbps'])} | {col(dr, lat, False)} | {col(kr, turn_latencies, False)} "
+          f"| {col(nr, turn_latencies, False)} "
           f"| {ups(d_) if d_ else '–'} / {ups(k_) if k_ else '–'} | {how(k_) if k_ else '–'} "
           f"| {' / '.join(num(cpu(r)[0], 0) if r else '–' for r in (d_, k_, n_))} "
           f"| {' / '.join(num(cpu(r)[1], 0) if r else '–' for r in (d_, k_, n_))} |")
@@ -198,7 +231,7 @@ mem = []
 for enc in ("json", "protobuf"):
     for c in (1, 8):
         d_ = rss_of(load(f"list-{enc}-c{c}-direct"), "apiserver")
-        k_ = rss_of(load(f"list-{enc}-c{c}-kache"), "kache")
+        k_ = rss_of(turns(f"list-{enc}-c{c}-kache"), "kache")
         if d_ or k_:
             mem.append(f"{enc} c={c}: API server {d_ or '–'} (direct), kache {k_ or '–'}")
 if mem:
@@ -206,36 +239,6 @@ if mem:
     p("")
 
 # 1b -----------------------------------------------------------------------
-def turns(name):
-    """A side's turns (`name`, then `name-2`) as one cell: requests, time,
-    bytes, CPU, upstream requests and kache's answers summed; RSS from the
-    first start to the highest peak; the latency of each turn kept."""
-    rs = [r for r in (load(name), load(name + "-2")) if r is not None]
-    if not rs or any(not_run(r) for r in rs):
-        return next((r for r in rs if not_run(r)), None)
-    out = dict(rs[0])
-    for key in ("requests", "seconds", "bytes"):
-        out[key] = sum(r[key] for r in rs)
-    out["rps"] = out["requests"] / out["seconds"] if out["seconds"] else 0
-    out["mbps"] = out["bytes"] / 1e6 / out["seconds"] if out["seconds"] else 0
-    out["cpuSeconds"] = {k: sum((r.get("cpuSeconds") or {}).get(k, 0) for r in rs) for k in rs[0].get("cpuSeconds") or {}}
-    ups_ = [r.get("upstream") or {} for r in rs]
-    out["upstream"] = {"byKind": {k: sum(u.get("byKind", {}).get(k, 0) for u in ups_)
-                                  for k in set().union(*(u.get("byKind", {}) for u in ups_))}}
-    out["kacheAnswers"] = {k: sum((r.get("kacheAnswers") or {}).get(k, 0) for r in rs)
-                           for k in set().union(*((r.get("kacheAnswers") or {}) for r in rs))}
-    out["rssKb"] = {k: {"start": v.get("start"), "peak": max((r.get("rssKb") or {}).get(k, {}).get("peak") or 0 for r in rs)}
-                    for k, v in (rs[0].get("rssKb") or {}).items()}
-    out["errors"] = {k: sum((r.get("errors") or {}).get(k, 0) for r in rs)
-                     for k in set().union(*((r.get("errors") or {}) for r in rs))}
-    out["turns"] = rs
-    return out
-
-
-def turn_latencies(r):
-    return "; ".join(lat(t) for t in r.get("turns", [r]))
-
-
 pd, pk = turns("passthrough-direct"), turns("passthrough-kache")
 if pd is not None or pk is not None:
     p(f"## 1b. Consistent `GET /api/v1/pods` (no resourceVersion: a quorum read from etcd, which kache forwards), "

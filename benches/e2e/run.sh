@@ -274,9 +274,15 @@ for enc in json protobuf; do
     protobuf) accept=application/vnd.kubernetes.protobuf body=$body_protobuf ;;
   esac
   for c in 1 8; do
-    # Interleaved: the three sides of a cell run one after the other.
-    for side in direct kache nginx; do
-      name=list-$enc-c$c-$side
+    # The API server first, for the whole time. Then kache and nginx in
+    # turns, kache, nginx, nginx, kache, each half the time and requests: the
+    # machine's load drifts over a run by more than the two differ, and the
+    # turns put a drift on both alike.
+    for turn in direct kache nginx nginx-2 kache-2; do
+      side=${turn%-2}
+      name=list-$enc-c$c-$turn
+      duration=$DURATION max=$MAX_REQUESTS
+      [[ $side == direct ]] || duration=$((DURATION / 2)) max=$(( (MAX_REQUESTS + 1) / 2 ))
       case $side in
         direct)
           # The API server's growth in the 1-client cell, if more than the estimate.
@@ -293,9 +299,9 @@ for enc in json protobuf; do
           fi
           args=(--url "$NGINX_URL" --no-auth "${nginx_cpu[@]}") need=$(( 2 * $(mb_of "$body") )) ;;
       esac
-      log "1. rv=0 LIST $enc c=$c $side (${DURATION}s)"
+      log "1. rv=0 LIST $enc c=$c $turn (${duration}s)"
       cell "$name" "$need" "${args[@]}" "${cpu_all[@]}" --path "$list_path" --accept "$accept" \
-        --concurrency "$c" --duration "$DURATION" --max-requests "$MAX_REQUESTS" --audit-log "$KACHE_AUDIT_LOG"
+        --concurrency "$c" --duration "$duration" --max-requests "$max" --audit-log "$KACHE_AUDIT_LOG"
     done
   done
 done
