@@ -820,6 +820,12 @@ const BOOKMARK_BEFORE_DEADLINE: Duration = Duration::from_secs(2);
 ///   is ended (its stream ends cleanly once it reads what was sent), as the
 ///   cacher ends a watcher it cannot hand an event to; the client resumes or
 ///   relists. Nobody else waits for it.
+/// - A client that stopped reading holds nothing of the store: its watch's
+///   keeper (see [`Slot`]) lets go of the watcher — its replay, its feed, the
+///   store itself — once the deadline passed, once it fell behind by more
+///   than the backlog, or once the store, stopped, waited a whole check for
+///   it to take its last notice. What the client gets when it reads again
+///   is the end of its stream, as above.
 ///
 /// # Errors
 /// The requested version is older than the retained events (the caller
@@ -873,6 +879,7 @@ pub fn watch(
         initial,
         resource_version,
         feed,
+        position,
     } = start;
     // The version the watch is at once its replay is sent; at `0`, the
     // store's (the cacher's replay of its state is at its version).
@@ -900,60 +907,128 @@ pub fn watch(
         seen: resource_version,
         feed: Feed::new(feed),
         queued: VecDeque::new(),
-        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        deadline,
         bookmark_timer: next_bookmark.map(|at| Box::pin(tokio::time::sleep_until(at))),
         bookmarks,
         bookmark_interval: settings.bookmark_interval,
         ending: false,
         timers_registered: false,
         events: Events::default(),
-        _end: EndBy::new(deadline, on_end),
+        position,
+        _end: OnEnd(Some(Box::new(on_end))),
     };
     let events = watcher.events.clone();
-    let mut response = watch_response(Box::pin(WatchBody(Some(Box::new(watcher)))), encoding);
+    let slot = Slot::new(watcher, deadline);
+    let mut response = watch_response(Box::pin(WatchBody(slot)), encoding);
     response.extensions_mut().insert(events);
     Ok(response)
 }
 
-/// Runs `on_end` once: when the watcher is dropped (its watch ended, or its
-/// client went away), or at `deadline`, whichever is first. A watch whose
-/// client stopped reading is not polled again until the client reads, but
-/// it ends at its deadline all the same, as the cacher forgets a watcher it
-/// cannot hand an event to.
-struct EndBy {
-    on_end: Arc<OnEnd>,
-    timer: tokio::task::JoinHandle<()>,
-}
+/// Runs a watch's `on_end` when dropped, with its watcher: the watch
+/// ended, its client went away, or its keeper let go of it.
+struct OnEnd(Option<Box<dyn FnOnce() + Send>>);
 
-impl EndBy {
-    fn new(deadline: Instant, on_end: impl FnOnce() + Send + 'static) -> EndBy {
-        let on_end: Arc<OnEnd> = Arc::new(std::sync::Mutex::new(Some(Box::new(on_end))));
-        let at_deadline = on_end.clone();
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep_until(deadline).await;
-            EndBy::run(&at_deadline);
-        });
-        EndBy { on_end, timer }
-    }
-
-    fn run(on_end: &OnEnd) {
-        let on_end = on_end
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(on_end) = on_end {
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if let Some(on_end) = self.0.take() {
             on_end();
         }
     }
 }
 
-/// What runs when a watch ends, until it ran.
-type OnEnd = std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>;
+/// How often a watch's keeper checks that its client still reads.
+const KEEPER_INTERVAL: Duration = Duration::from_secs(10);
 
-impl Drop for EndBy {
+/// A watch's watcher, shared by its body, which reads it whenever the
+/// client's connection takes more, and its keeper, a task that lets go of
+/// it for a client that stopped reading.
+///
+/// hyper polls a body only when the client's socket takes more. A watcher
+/// whose client stopped reading is not polled, so it cannot end itself: it
+/// would keep its replay (a watch from `0` holds the state it started
+/// from, however much the store changed since), its place in the
+/// broadcast, and the store itself — evicted or not — for as long as the
+/// connection stays open. The cacher ends such a watcher when it cannot
+/// hand it an event, and forgets it. Here the keeper checks every
+/// [`KEEPER_INTERVAL`], and at the deadline: once the deadline passed, once
+/// the watcher fell further behind than the store keeps notices for it
+/// (the broadcast's own condition for a lost notice), or once the store was
+/// stopped and the watcher did not take the store's last notice within a
+/// whole interval, it drops the watcher (`on_end` runs) and wakes the body,
+/// which ends the stream when polled. This also ends a watch at its
+/// deadline: the watcher keeps no timer of its own for it.
+struct Slot {
+    watcher: std::sync::Mutex<Option<Box<Watcher>>>,
+    /// The body's waker, for the keeper to wake when it lets go.
+    waker: futures::task::AtomicWaker,
+    /// The watcher's position in the store's notices, as of its last poll
+    /// (see [`Store::lost_notices`]).
+    position: std::sync::atomic::AtomicU64,
+    keeper: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Slot {
+    fn new(watcher: Watcher, deadline: Instant) -> Arc<Slot> {
+        let store = Arc::downgrade(&watcher.store);
+        let slot = Arc::new(Slot {
+            position: std::sync::atomic::AtomicU64::new(watcher.position),
+            watcher: std::sync::Mutex::new(Some(Box::new(watcher))),
+            waker: futures::task::AtomicWaker::new(),
+            keeper: std::sync::OnceLock::new(),
+        });
+        let keeper = tokio::spawn(Slot::keep(Arc::downgrade(&slot), store, deadline));
+        let _ = slot.keeper.set(keeper.abort_handle());
+        slot
+    }
+
+    /// The keeper's checks, until the watch ends or it lets go.
+    async fn keep(slot: std::sync::Weak<Slot>, store: std::sync::Weak<Store>, deadline: Instant) {
+        // The watcher's position when the store was last seen stopped.
+        let mut stopped_at = None;
+        loop {
+            let next = Instant::now()
+                .checked_add(KEEPER_INTERVAL)
+                .map_or(deadline, |at| at.min(deadline));
+            tokio::time::sleep_until(next).await;
+            let Some(slot) = slot.upgrade() else {
+                return;
+            };
+            // Under the lock: the body stores its position before it lets go
+            // of the lock, so a poll under way is not mistaken for a stall.
+            let mut guard = slot
+                .watcher
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let position = slot.position.load(std::sync::atomic::Ordering::Acquire);
+            let let_go = Instant::now() >= deadline
+                || match store.upgrade() {
+                    None => true,
+                    Some(store) if store.lost_notices(position) => true,
+                    Some(store) if store.is_closed() => {
+                        let waited = stopped_at == Some(position) && position < store.notices_sent();
+                        stopped_at = Some(position);
+                        waited
+                    }
+                    Some(_) => false,
+                };
+            if let_go {
+                // Dropped out of the lock (`on_end` runs); then the body is
+                // woken to end the stream.
+                let watcher = guard.take();
+                drop(guard);
+                drop(watcher);
+                slot.waker.wake();
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.timer.abort();
-        EndBy::run(&self.on_end);
+        if let Some(keeper) = self.keeper.get() {
+            keeper.abort();
+        }
     }
 }
 
@@ -967,21 +1042,32 @@ impl Drop for EndBy {
 /// every watcher); one that falls further behind than that is ended when
 /// it reads again, as the cacher ends a watcher it cannot hand an event to,
 /// and the client resumes or relists.
-struct WatchBody(Option<Box<Watcher>>);
+struct WatchBody(Arc<Slot>);
 
 impl futures::Stream for WatchBody {
     type Item = Result<Chunk, FetchError>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let Some(watcher) = self.0.as_mut() else {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let slot = &self.0;
+        slot.waker.register(cx.waker());
+        let mut watcher = slot
+            .watcher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(running) = watcher.as_mut() else {
             return Poll::Ready(None);
         };
-        match watcher.poll_frames(cx) {
+        let polled = running.poll_frames(cx);
+        slot.position
+            .store(running.position, std::sync::atomic::Ordering::Release);
+        match polled {
             Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(chunk))),
             Poll::Ready(None) => {
                 // Ended: the store's feed and the replay are let go of now,
                 // and `on_end` runs.
-                self.0 = None;
+                let ended = watcher.take();
+                drop(watcher);
+                drop(ended);
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
@@ -1016,7 +1102,8 @@ struct Watcher {
     /// Frames taken from the feed that did not fit in the last chunk (a
     /// relist's events); sent before anything else.
     queued: VecDeque<Bytes>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// When the watch ends; its keeper wakes the body then.
+    deadline: Instant,
     bookmark_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The client asked for bookmarks.
     bookmarks: bool,
@@ -1027,8 +1114,10 @@ struct Watcher {
     timers_registered: bool,
     /// The frames handed out, for the proxy's accounting.
     events: Events,
+    /// The store's notices taken so far, counted from the store's first.
+    position: u64,
     /// Dropped with the watcher: `on_end` runs.
-    _end: EndBy,
+    _end: OnEnd,
 }
 
 impl Watcher {
@@ -1038,20 +1127,19 @@ impl Watcher {
     /// ends — at its deadline with a clean end of stream, never an ERROR
     /// event.
     ///
-    /// The timers are polled (their wakers registered) at the first call and
-    /// on the way to `Pending`; in between, whether they fired is read
-    /// without polling them: each event costs a poll of each, not two.
+    /// The bookmark timer is polled (its waker registered) at the first call
+    /// and on the way to `Pending`; in between, whether it fired is read
+    /// without polling it: each event costs one poll of it, not two. The
+    /// deadline is only compared with the clock: the watch's keeper wakes
+    /// the body at it.
     fn poll_frames(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
         if !self.timers_registered {
             self.timers_registered = true;
             if let Some(timer) = self.bookmark_timer.as_mut() {
                 let _ = timer.as_mut().poll(cx);
             }
-            if self.deadline.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
         }
-        if self.deadline.is_elapsed() {
+        if Instant::now() >= self.deadline {
             return Poll::Ready(None);
         }
         let mut chunk = Chunk::default();
@@ -1084,7 +1172,7 @@ impl Watcher {
         if !chunk.is_empty() {
             self.events.add(events);
             Poll::Ready(Some(chunk))
-        } else if self.ending || self.deadline.as_mut().poll(cx).is_ready() {
+        } else if self.ending || Instant::now() >= self.deadline {
             Poll::Ready(None)
         } else {
             Poll::Pending
@@ -1120,6 +1208,9 @@ impl Watcher {
     /// Takes a notice from the store: its frames are queued for the client.
     fn take(&mut self, notice: Result<Notice, broadcast::error::RecvError>) {
         let bookmarks = self.bookmarks;
+        if notice.is_ok() {
+            self.position += 1;
+        }
         match notice {
             Ok(Notice::Event(event)) => {
                 self.seen = self.seen.max(event.resource_version);
@@ -1178,7 +1269,7 @@ impl Watcher {
             return None;
         }
         let due = timer.deadline();
-        let deadline = self.deadline.deadline();
+        let deadline = self.deadline;
         match next_bookmark_at(Instant::now(), self.bookmark_interval, deadline).filter(|at| *at > due) {
             // Registered again for its new instant.
             Some(at) => timer.as_mut().reset(at),

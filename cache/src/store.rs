@@ -521,6 +521,10 @@ impl State {
 pub struct Store {
     state: RwLock<State>,
     notices: broadcast::Sender<Notice>,
+    /// Notices sent so far (under the state's write lock, as they are sent):
+    /// a watcher that took fewer than this less the broadcast's capacity has
+    /// lost some.
+    sent: std::sync::atomic::AtomicU64,
     version: watch::Sender<u64>,
     window: usize,
     backlog: usize,
@@ -552,6 +556,9 @@ pub struct WatchStart {
     pub initial: Vec<Arc<Event>>,
     pub resource_version: u64,
     pub feed: broadcast::Receiver<Notice>,
+    /// The notices sent before `feed` subscribed: the watcher's position
+    /// once it has taken none (see [`Store::lost_notices`]).
+    pub position: u64,
 }
 
 impl Store {
@@ -563,6 +570,7 @@ impl Store {
         Store {
             state: RwLock::new(State::default()),
             notices,
+            sent: std::sync::atomic::AtomicU64::new(0),
             version,
             window: window.max(1),
             backlog: backlog.max(1),
@@ -613,6 +621,33 @@ impl Store {
     /// Notices buffered per watcher: one further behind has lost events.
     pub fn backlog(&self) -> usize {
         self.backlog
+    }
+
+    /// Broadcasts `notice` to the watchers. Called with the state's write
+    /// lock held, so that a watcher subscribing under the read lock knows
+    /// which notices it gets.
+    fn notify(&self, notice: Notice) {
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Release);
+        let _ = self.notices.send(notice);
+    }
+
+    /// Whether a watcher that has taken the notices up to `position` (see
+    /// [`WatchStart::position`]) has lost some: it fell further behind
+    /// than the broadcast keeps (`backlog`, rounded up to a power of two
+    /// as the channel does).
+    pub fn lost_notices(&self, position: u64) -> bool {
+        let sent = self.sent.load(std::sync::atomic::Ordering::Acquire);
+        sent.saturating_sub(position) > self.backlog.next_power_of_two() as u64
+    }
+
+    /// Notices sent so far: a watcher that has taken them all is at this position.
+    pub fn notices_sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the store was stopped (evicted, idle, refused, or for a restart).
+    pub fn is_closed(&self) -> bool {
+        self.read().closed
     }
 
     pub fn is_synced(&self) -> bool {
@@ -668,7 +703,7 @@ impl Store {
                     state.events.push_back(event.clone());
                 }
                 self.trim(&mut state);
-                let _ = self.notices.send(Notice::Relisted {
+                self.notify(Notice::Relisted {
                     events: events.into(),
                     resource_version,
                 });
@@ -681,7 +716,7 @@ impl Store {
                 list = resource_version,
                 "a list the store's events cannot lead to: its watchers end"
             );
-            let _ = self.notices.send(Notice::End);
+            self.notify(Notice::End);
         }
         let bookmark = state.bookmark.take();
         let closed = state.closed;
@@ -781,7 +816,7 @@ impl Store {
         }
         state.closed = true;
         state.synced = false;
-        let _ = self.notices.send(Notice::Closing);
+        self.notify(Notice::Closing);
     }
 
     /// Stops the store for good (evicted, idle): its watchers end at once, and
@@ -793,7 +828,7 @@ impl Store {
         }
         state.closed = true;
         state.synced = false;
-        let _ = self.notices.send(Notice::End);
+        self.notify(Notice::End);
     }
 
     /// Applies one watch event. Events at or below the store's version are
@@ -837,7 +872,7 @@ impl Store {
         }
         state.events.push_back(event.clone());
         self.trim(&mut state);
-        let _ = self.notices.send(Notice::Event(event));
+        self.notify(Notice::Event(event));
         drop(state);
         self.version.send_replace(resource_version);
     }
@@ -852,7 +887,7 @@ impl Store {
             return;
         }
         state.resource_version = resource_version;
-        let _ = self.notices.send(Notice::Progress(resource_version));
+        self.notify(Notice::Progress(resource_version));
         drop(state);
         self.version.send_replace(resource_version);
     }
@@ -967,6 +1002,7 @@ impl Store {
         }
         // Subscribed under the lock: no event between replay and feed is lost.
         let feed = self.notices.subscribe();
+        let position = self.notices_sent();
         let (state_objects, initial) = if resource_version == 0 {
             (scope.objects(&state.objects).cloned().collect(), Vec::new())
         } else {
@@ -992,6 +1028,7 @@ impl Store {
             initial,
             resource_version: state.resource_version,
             feed,
+            position,
         })
     }
 

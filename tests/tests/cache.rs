@@ -2154,9 +2154,10 @@ async fn a_watcher_that_stops_reading_is_ended_without_delaying_the_others() {
     // Big objects, updated over and over: more than the stalled watch can
     // hold anywhere — its backlog in the store's broadcast, its connection's
     // write queue (under 1 MiB plus one chunk of at most 64 events) and the
-    // kernel's socket buffers — so it must lose events. kache finds that out
-    // when the client reads again (a stalled connection is not polled), and
-    // ends the watch then; the reading one must get every event meanwhile.
+    // kernel's socket buffers — so it must lose events. A stalled
+    // connection is not polled: the watch's keeper finds that out within
+    // its interval (10 s) and lets go of the watcher, without waiting for
+    // the client to read; the reading one must get every event meanwhile.
     const BLOB: usize = 30_000;
     let socket_buffers = tcp_wmem_max() + 4096;
     let can_hold = (socket_buffers + (1 << 20)) / BLOB + 64 + BACKLOG;
@@ -2239,8 +2240,19 @@ async fn a_watcher_that_stops_reading_is_ended_without_delaying_the_others() {
         missed.len()
     );
 
-    // The stalled watch was ended: once read, its response ends (chunked
-    // terminator or close) after fewer events than were written.
+    // The stalled watch was let go of while its client still did not read:
+    // kache counts only the reading one.
+    let deadline = Instant::now() + Duration::from_secs(10) + REQUEST_TIMEOUT;
+    while cache_watchers(&kache, &widgets).await > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled watch is still held, its client not reading"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Once read, its response ends (chunked terminator or close) after
+    // fewer events than were written.
     let mut rest = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     let closed = tokio::time::timeout(REQUEST_TIMEOUT, async {
@@ -2271,12 +2283,11 @@ async fn a_watcher_that_stops_reading_is_ended_without_delaying_the_others() {
         "the stalled watch ({closed}) had {events} of {} events",
         written.len()
     );
-    // Its end is the watcher's: kache counts only the reading one again.
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
-    while cache_watchers(&kache, &widgets).await > 1.0 {
-        assert!(Instant::now() < deadline, "the ended watch is still counted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_eq!(
+        cache_watchers(&kache, &widgets).await,
+        1.0,
+        "the reading watch stays"
+    );
 
     // kache is fine.
     kache.assert_running();

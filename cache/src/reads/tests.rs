@@ -1189,7 +1189,132 @@ async fn a_client_that_stopped_reading_is_still_ended_at_its_deadline() {
         ended.load(std::sync::atomic::Ordering::SeqCst),
         "still open past its deadline, waiting for its client"
     );
+    assert_eq!(Arc::strong_count(&store), 1, "the watcher let go of the store");
+    let mut unread = unread;
+    assert!(
+        matches!(
+            futures::poll!(futures::StreamExt::next(unread.body_mut())),
+            Poll::Ready(None)
+        ),
+        "its stream ends when its client reads again"
+    );
+}
+
+/// A watch from `0` of `objects` configmaps in namespace `a` that nobody
+/// reads, and the flag its `on_end` sets.
+fn unread_watch(
+    store: &Arc<Store>,
+    timeout_seconds: u64,
+) -> (Response<ChunkStream>, Arc<std::sync::atomic::AtomicBool>) {
+    let plan = plan_for(
+        &format!("/api/v1/configmaps?watch=true&resourceVersion=0&timeoutSeconds={timeout_seconds}"),
+        None,
+    )
+    .expect("plan");
+    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ended.clone();
+    let response = watch(
+        plan,
+        Arc::new(spec(false)),
+        store.clone(),
+        Encoding::Json,
+        &WatchSettings::default(),
+        move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+    )
+    .expect("watch");
+    (response, ended)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stopped_reading_lets_go_of_its_replay_once_it_fell_behind() {
+    // Four notices kept per watcher, one event retained: only the replay
+    // holds an object once it changed.
+    let store = Arc::new(Store::new(1, 4));
+    store.replace(
+        (0..50)
+            .map(|i| configmap("a", &format!("o{i}"), i + 2, &[]))
+            .collect(),
+        60,
+    );
+    let first = Arc::downgrade(&store.get("a", "o0").0.expect("o0"));
+    let (mut unread, ended) = unread_watch(&store, 3600);
+    // Read once, then not again: the replay is under way.
+    let chunk = futures::StreamExt::next(unread.body_mut()).await;
+    assert!(chunk.is_some_and(|c| c.is_ok()), "a first chunk of the replay");
+    // Four changes: as far behind as the store keeps notices for it.
+    for rv in 61..65 {
+        store.apply(
+            EventType::Modified,
+            configmap("a", &format!("o{}", rv - 61), rv, &[]),
+        );
+    }
+    tokio::time::sleep(KEEPER_INTERVAL * 3).await;
+    assert!(
+        !ended.load(std::sync::atomic::Ordering::SeqCst),
+        "let go of before it lost anything"
+    );
+    assert!(
+        first.upgrade().is_some(),
+        "the replay still holds what it started from"
+    );
+    // A fifth: it lost one.
+    store.apply(EventType::Modified, configmap("a", "o4", 65, &[]));
+    tokio::time::sleep(KEEPER_INTERVAL + Duration::from_secs(1)).await;
+    assert!(
+        ended.load(std::sync::atomic::Ordering::SeqCst),
+        "a watcher that lost notices and was not read is let go of"
+    );
+    assert!(first.upgrade().is_none(), "the replay's objects are let go of");
+    assert_eq!(Arc::strong_count(&store), 1, "and the store");
+    assert!(
+        matches!(
+            futures::poll!(futures::StreamExt::next(unread.body_mut())),
+            Poll::Ready(None)
+        ),
+        "its stream ends when its client reads again"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stopped_reading_lets_go_of_a_stopped_store() {
+    let store = Arc::new(Store::new(100, 1000));
+    store.replace(vec![configmap("a", "x", 2, &[])], 5);
+    let (unread, ended) = unread_watch(&store, 3600);
+    store.close();
+    // The store's last notice is not taken: one whole interval later, the
+    // watcher is let go of.
+    tokio::time::sleep(KEEPER_INTERVAL * 2 + Duration::from_secs(1)).await;
+    assert!(ended.load(std::sync::atomic::Ordering::SeqCst), "let go of");
+    assert_eq!(Arc::strong_count(&store), 1, "the stopped store is let go of");
     drop(unread);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_read_as_the_store_stops_ends_by_itself_not_its_keeper() {
+    use futures::StreamExt;
+    let store = Arc::new(Store::new(100, 1000));
+    store.replace(vec![configmap("a", "x", 2, &[])], 5);
+    let (mut read, ended) = unread_watch(&store, 3600);
+    let reader = tokio::spawn(async move {
+        let mut frames = 0;
+        while let Some(chunk) = read.body_mut().next().await {
+            chunk.expect("no error");
+            frames += 1;
+        }
+        frames
+    });
+    tokio::time::sleep(KEEPER_INTERVAL * 3).await;
+    assert!(
+        !ended.load(std::sync::atomic::Ordering::SeqCst),
+        "a watch that is read stays"
+    );
+    store.close();
+    let frames = tokio::time::timeout(Duration::from_secs(1), reader)
+        .await
+        .expect("the stream ended at once")
+        .expect("reader");
+    assert!(frames >= 1, "the replay was read");
+    assert!(ended.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 #[tokio::test(start_paused = true)]
