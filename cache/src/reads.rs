@@ -304,7 +304,7 @@ pub fn plan(info: &RequestInfo, query: Option<&str>, headers: &HeaderMap) -> Res
 /// kache cannot serve (a resource it does not cache, a store not in sync):
 /// on v1.20's 422, client-go's reflector falls back to LIST and WATCH.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid(Vec<String>);
+pub struct Invalid(Vec<crate::status::Cause>);
 
 impl Invalid {
     /// The errors of a read whose `sendInitialEvents` is set, if any. As the
@@ -312,14 +312,26 @@ impl Invalid {
     /// `/watch/…` path without `watch=true` is validated as a list.
     fn of(read: &crate::request::ReadOptions) -> Option<Invalid> {
         const MATCH: &str = "resourceVersionMatch";
-        let forbidden = |field: &str, detail: &str| format!("{field}: Forbidden: {detail}");
+        // `field.Forbidden` and `field.NotSupported`: the cause's message is
+        // the error's body (`ErrorBody`), the message's line the path and it.
+        let forbidden = |field: &'static str, detail: &str| crate::status::Cause {
+            reason: "FieldValueForbidden",
+            message: format!("Forbidden: {detail}"),
+            field,
+        };
+        // The value is a `metav1.ResourceVersionMatch`, not a `string`:
+        // `ErrorBody` renders it with `json.Marshal`.
         let not_supported = |value: &str, supported: &[&str]| {
             let supported: Vec<String> = supported.iter().map(|s| format!("{s:?}")).collect();
-            format!(
-                "{MATCH}: Unsupported value: {}: supported values: {}",
-                go_json_string(value),
-                supported.join(", ")
-            )
+            crate::status::Cause {
+                reason: "FieldValueNotSupported",
+                message: format!(
+                    "Unsupported value: {}: supported values: {}",
+                    go_json_string(value),
+                    supported.join(", ")
+                ),
+                field: MATCH,
+            }
         };
         let matching = read.resource_version_match.as_deref().unwrap_or("");
         let continued = read.continue_token.as_deref().is_some_and(|c| !c.is_empty());
@@ -379,9 +391,10 @@ impl Invalid {
     /// errors as Go's `utilerrors.Aggregate` prints them (one alone; several,
     /// without repeats, in brackets).
     pub fn message(&self) -> String {
-        let mut unique: Vec<&str> = Vec::new();
-        for error in &self.0 {
-            if !unique.contains(&error.as_str()) {
+        let mut unique: Vec<String> = Vec::new();
+        for cause in &self.0 {
+            let error = format!("{}: {}", cause.field, cause.message);
+            if !unique.contains(&error) {
                 unique.push(error);
             }
         }
@@ -405,15 +418,16 @@ fn go_json_string(value: &str) -> String {
 }
 
 /// The API server's answer to options it refuses ([`Invalid`]): `422
-/// Invalid` on `ListOptions.meta.k8s.io`, in the read's encoding. Its
-/// `details` carry the group and kind but not the per-field `causes`
-/// ([`crate::status::Status`] writes none); the message names every error.
+/// Invalid` on `ListOptions.meta.k8s.io`, in the read's encoding, as
+/// `errors.NewInvalid` makes it: the group and kind, a cause per error
+/// (repeats included), and a message naming each error once.
 pub fn invalid(invalid: &Invalid, encoding: Encoding) -> Response<Bytes> {
     let message = invalid.message();
     let status = crate::status::Status::failure(StatusCode::UNPROCESSABLE_ENTITY, &message).with_details(
         crate::status::Details {
             group: "meta.k8s.io",
             kind: "ListOptions",
+            causes: &invalid.0,
             ..crate::status::Details::default()
         },
     );
@@ -742,7 +756,7 @@ fn not_found(name: &str, spec: &ResourceSpec, encoding: Encoding) -> Response<By
         name,
         group: &spec.group,
         kind: &spec.resource,
-        retry_after_seconds: None,
+        ..crate::status::Details::default()
     };
     let status = crate::status::Status::failure(StatusCode::NOT_FOUND, &message).with_details(details);
     let body = match encoding {
@@ -1418,12 +1432,20 @@ pub async fn prepare_watch(
     if store.wait_for(required, fresh_timeout).await || (consistent && store.is_synced()) {
         return Ok(plan);
     }
+    // `storage.NewTooLargeResourceVersionError`: its cause is what
+    // client-go's reflector looks for (`IsTooLargeResourceVersion`).
     let message = format!(
         "Timeout: Too large resource version: {required}, current: {}",
         store.resource_version()
     );
+    let causes = [crate::status::Cause {
+        reason: "ResourceVersionTooLarge",
+        message: "Too large resource version".into(),
+        field: "",
+    }];
     let status = crate::status::Status::failure(StatusCode::GATEWAY_TIMEOUT, &message).with_details(
         crate::status::Details {
+            causes: &causes,
             retry_after_seconds: Some(1),
             ..crate::status::Details::default()
         },

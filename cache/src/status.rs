@@ -28,7 +28,23 @@ pub struct Details<'a> {
     /// The resource (plural) for `NotFound` and `Forbidden`, as the API
     /// server's `qualifiedResource` gives it.
     pub kind: &'a str,
+    /// Why, field by field (`422 Invalid`).
+    pub causes: &'a [Cause],
     pub retry_after_seconds: Option<u32>,
+}
+
+/// `metav1.StatusCause`. `errors.NewInvalid` makes one of each field error:
+/// its type, its body (the error without the field's path), the path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cause {
+    /// `metav1.CauseType`: a `field.ErrorType` (`FieldValueForbidden`…),
+    /// or `ResourceVersionTooLarge`.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub reason: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub field: &'static str,
 }
 
 /// The `StatusReason` the API server uses for a code (metav1.StatusReason*).
@@ -93,6 +109,8 @@ impl<'a> Status<'a> {
             group: &'a str,
             #[serde(skip_serializing_if = "str::is_empty")]
             kind: &'a str,
+            #[serde(skip_serializing_if = "<[Cause]>::is_empty")]
+            causes: &'a [Cause],
             #[serde(skip_serializing_if = "Option::is_none")]
             retry_after_seconds: Option<u32>,
         }
@@ -107,6 +125,7 @@ impl<'a> Status<'a> {
                 name: d.name,
                 group: d.group,
                 kind: d.kind,
+                causes: d.causes,
                 retry_after_seconds: d.retry_after_seconds,
             }),
             code: self.code.as_u16(),
@@ -118,7 +137,7 @@ impl<'a> Status<'a> {
 
     /// The protobuf body (`k8s\0` + `runtime.Unknown` of a `v1` `Status`),
     /// field for field as the API server's generated marshaller writes it:
-    /// strings always (even empty), `details` only when set, `causes` never.
+    /// strings always (even empty), `details` only when set.
     pub fn to_protobuf(&self) -> Vec<u8> {
         let mut status = Vec::new();
         // ListMeta{selfLink: "", resourceVersion: "", continue: ""}.
@@ -131,6 +150,13 @@ impl<'a> Status<'a> {
             put_field(&mut details, 1, d.name.as_bytes());
             put_field(&mut details, 2, d.group.as_bytes());
             put_field(&mut details, 3, d.kind.as_bytes());
+            for cause in d.causes {
+                let mut encoded = Vec::new();
+                put_field(&mut encoded, 1, cause.reason.as_bytes());
+                put_field(&mut encoded, 2, cause.message.as_bytes());
+                put_field(&mut encoded, 3, cause.field.as_bytes());
+                put_field(&mut details, 4, &encoded);
+            }
             // retryAfterSeconds (int32, always written), then uid: "".
             details.push(5 << 3);
             put_varint(&mut details, u64::from(d.retry_after_seconds.unwrap_or(0)));

@@ -197,7 +197,7 @@ pub fn forbidden(user: &str, attributes: &Attributes, reason: &str) -> Response<
             name: &attributes.name,
             group: &attributes.group,
             kind: &attributes.resource,
-            retry_after_seconds: None,
+            ..crate::status::Details::default()
         };
         (message, details)
     } else {

@@ -487,6 +487,19 @@ async fn a_client_go_watch_list_syncs_from_memory_without_listing_then_follows_c
         "ListOptions.meta.k8s.io \"\" is invalid: resourceVersionMatch: Forbidden: \
          sendInitialEvents requires setting resourceVersionMatch to NotOlderThan"
     );
+    assert_eq!(
+        status["details"],
+        json!({
+            "group": "meta.k8s.io",
+            "kind": "ListOptions",
+            "causes": [{
+                "reason": "FieldValueForbidden",
+                "message": "Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                "field": "resourceVersionMatch",
+            }],
+        }),
+        "errors.NewInvalid's details: a cause per field error"
+    );
 
     // Nothing of the client's reached the API server, and kache itself
     // asked only the first sync's question: no LIST of the objects.

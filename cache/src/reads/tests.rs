@@ -1566,7 +1566,9 @@ fn the_422_is_the_api_servers_status_in_the_reads_encoding() {
         "{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\"status\":\"Failure\",\
          \"message\":\"ListOptions.meta.k8s.io \\\"\\\" is invalid: resourceVersionMatch: Forbidden: \
          sendInitialEvents requires setting resourceVersionMatch to NotOlderThan\",\"reason\":\"Invalid\",\
-         \"details\":{\"group\":\"meta.k8s.io\",\"kind\":\"ListOptions\"},\"code\":422}\n"
+         \"details\":{\"group\":\"meta.k8s.io\",\"kind\":\"ListOptions\",\"causes\":[{\"reason\":\
+         \"FieldValueForbidden\",\"message\":\"Forbidden: sendInitialEvents requires setting \
+         resourceVersionMatch to NotOlderThan\",\"field\":\"resourceVersionMatch\"}]},\"code\":422}\n"
     );
     let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Protobuf);
     assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
@@ -1579,6 +1581,85 @@ fn the_422_is_the_api_servers_status_in_the_reads_encoding() {
     let (code, message) = crate::protobuf::status(status.raw);
     assert_eq!(code, Some(422));
     assert!(message.contains("sendInitialEvents requires"), "{message}");
+    // StatusDetails{name, group, kind, causes: [StatusCause{reason,
+    // message, field}], retryAfterSeconds, uid}, in field order.
+    let mut cause = Vec::new();
+    crate::protobuf::put_field(&mut cause, 1, b"FieldValueForbidden");
+    crate::protobuf::put_field(
+        &mut cause,
+        2,
+        b"Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+    );
+    crate::protobuf::put_field(&mut cause, 3, b"resourceVersionMatch");
+    let mut details = vec![0x0a, 0x00];
+    crate::protobuf::put_field(&mut details, 2, b"meta.k8s.io");
+    crate::protobuf::put_field(&mut details, 3, b"ListOptions");
+    crate::protobuf::put_field(&mut details, 4, &cause);
+    details.extend_from_slice(&[5 << 3, 0x00, 0x32, 0x00]);
+    let mut field = Vec::new();
+    crate::protobuf::put_field(&mut field, 5, &details);
+    assert!(
+        status.raw.windows(field.len()).any(|w| w == field),
+        "the details, with the cause"
+    );
+}
+
+#[test]
+fn a_422_has_a_cause_per_error_and_names_each_once() {
+    // A list: four errors, as `ValidateListOptions` finds them in order.
+    let plan = plan_for(
+        "/api/v1/pods?sendInitialEvents=true&resourceVersionMatch=Bogus&continue=abc",
+        None,
+    )
+    .expect("plan");
+    let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Json);
+    let body: serde_json::Value = serde_json::from_slice(answer.body()).expect("json");
+    let causes: Vec<(String, String)> = body["details"]["causes"]
+        .as_array()
+        .expect("causes")
+        .iter()
+        .map(|c| {
+            (
+                format!(
+                    "{}/{}",
+                    c["field"].as_str().unwrap_or(""),
+                    c["reason"].as_str().unwrap_or("")
+                ),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        causes,
+        [
+            (
+                "resourceVersionMatch/FieldValueForbidden".to_string(),
+                "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided".to_string()
+            ),
+            (
+                "resourceVersionMatch/FieldValueForbidden".to_string(),
+                "Forbidden: resourceVersionMatch is forbidden when continue is provided".to_string()
+            ),
+            (
+                "resourceVersionMatch/FieldValueNotSupported".to_string(),
+                "Unsupported value: \"Bogus\": supported values: \"Exact\", \"NotOlderThan\", \"\""
+                    .to_string()
+            ),
+            (
+                "sendInitialEvents/FieldValueForbidden".to_string(),
+                "Forbidden: sendInitialEvents is forbidden for list".to_string()
+            ),
+        ]
+    );
+    let message = body["message"].as_str().expect("message");
+    for (field_reason, cause) in &causes {
+        let field = field_reason.split('/').next().unwrap_or("");
+        assert_eq!(
+            message.matches(&format!("{field}: {cause}")).count(),
+            1,
+            "{message} names {cause} once"
+        );
+    }
 }
 
 /// Summary of JSON events: (type, name, resourceVersion, initial-events-end annotation).
@@ -2059,7 +2140,8 @@ async fn a_quiet_store_in_sync_serves_a_streaming_list_without_a_version_at_its_
         error_event(refused).await,
         "{\"type\":\"ERROR\",\"object\":{\"kind\":\"Status\",\"apiVersion\":\"v1\",\"metadata\":{},\
          \"status\":\"Failure\",\"message\":\"Timeout: Too large resource version: 40, current: 5\",\
-         \"reason\":\"Timeout\",\"details\":{\"retryAfterSeconds\":1},\"code\":504}}\n"
+         \"reason\":\"Timeout\",\"details\":{\"causes\":[{\"reason\":\"ResourceVersionTooLarge\",\
+         \"message\":\"Too large resource version\"}],\"retryAfterSeconds\":1},\"code\":504}}\n"
     );
 }
 
