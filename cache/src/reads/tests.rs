@@ -1162,23 +1162,10 @@ async fn watches_end_cleanly_at_their_timeout_or_the_random_default() {
 async fn a_client_that_stopped_reading_is_still_ended_at_its_deadline() {
     let store = Arc::new(Store::new(100, 1000));
     store.replace(vec![], 5);
-    let settings = WatchSettings::default();
-    let plan = plan_for(
+    let (unread, ended) = unread_watch(
+        &store,
         "/api/v1/configmaps?watch=true&resourceVersion=5&timeoutSeconds=30",
-        None,
-    )
-    .expect("plan");
-    let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ended.clone();
-    let unread = watch(
-        plan,
-        Arc::new(spec(false)),
-        store.clone(),
-        Encoding::Json,
-        &settings,
-        move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
-    )
-    .expect("watch");
+    );
     for rv in 6..=8 {
         store.apply(EventType::Added, configmap("a", &format!("o{rv}"), rv, &[]));
     }
@@ -1200,17 +1187,15 @@ async fn a_client_that_stopped_reading_is_still_ended_at_its_deadline() {
     );
 }
 
-/// A watch from `0` of `objects` configmaps in namespace `a` that nobody
-/// reads, and the flag its `on_end` sets.
+const FROM_ZERO_FOR_AN_HOUR: &str = "/api/v1/configmaps?watch=true&resourceVersion=0&timeoutSeconds=3600";
+
+/// A watch of `store` by `uri` that nobody reads (yet), and the flag its
+/// `on_end` sets.
 fn unread_watch(
     store: &Arc<Store>,
-    timeout_seconds: u64,
+    uri: &str,
 ) -> (Response<ChunkStream>, Arc<std::sync::atomic::AtomicBool>) {
-    let plan = plan_for(
-        &format!("/api/v1/configmaps?watch=true&resourceVersion=0&timeoutSeconds={timeout_seconds}"),
-        None,
-    )
-    .expect("plan");
+    let plan = plan_for(uri, None).expect("plan");
     let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = ended.clone();
     let response = watch(
@@ -1237,7 +1222,7 @@ async fn a_client_that_stopped_reading_lets_go_of_its_replay_once_it_fell_behind
         60,
     );
     let first = Arc::downgrade(&store.get("a", "o0").0.expect("o0"));
-    let (mut unread, ended) = unread_watch(&store, 3600);
+    let (mut unread, ended) = unread_watch(&store, FROM_ZERO_FOR_AN_HOUR);
     // Read once, then not again: the replay is under way.
     let chunk = futures::StreamExt::next(unread.body_mut()).await;
     assert!(chunk.is_some_and(|c| c.is_ok()), "a first chunk of the replay");
@@ -1279,7 +1264,7 @@ async fn a_client_that_stopped_reading_lets_go_of_its_replay_once_it_fell_behind
 async fn a_client_that_stopped_reading_lets_go_of_a_stopped_store() {
     let store = Arc::new(Store::new(100, 1000));
     store.replace(vec![configmap("a", "x", 2, &[])], 5);
-    let (unread, ended) = unread_watch(&store, 3600);
+    let (unread, ended) = unread_watch(&store, FROM_ZERO_FOR_AN_HOUR);
     store.close();
     // The store's last notice is not taken: one whole interval later, the
     // watcher is let go of.
@@ -1294,7 +1279,7 @@ async fn a_watch_read_as_the_store_stops_ends_by_itself_not_its_keeper() {
     use futures::StreamExt;
     let store = Arc::new(Store::new(100, 1000));
     store.replace(vec![configmap("a", "x", 2, &[])], 5);
-    let (mut read, ended) = unread_watch(&store, 3600);
+    let (mut read, ended) = unread_watch(&store, FROM_ZERO_FOR_AN_HOUR);
     let reader = tokio::spawn(async move {
         let mut frames = 0;
         while let Some(chunk) = read.body_mut().next().await {
