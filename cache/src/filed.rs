@@ -15,7 +15,7 @@
 //! against writing, growing and shrinking, and mapped read-only. Its bytes
 //! are a [`Bytes`] like any other (TLS, HTTP/2 and tests read them through
 //! the mapping), and the file is registered by the address range of its
-//! mapping. The listener's socket writer ([`send`]) recognizes a slice in a
+//! mapping. The listener's socket writer ([`FiledSlice`]) recognizes a slice in a
 //! registered range and sends it with `sendfile` from the file at the
 //! matching offset: the kernel takes page references, copies nothing, and
 //! the pages live as long as a socket buffer holds them, whatever kache
@@ -94,7 +94,7 @@ impl AsRef<[u8]> for Owner {
 }
 
 /// `parts`, in order, copied into a new sealed memory file: one [`Bytes`]
-/// of `len` bytes, which [`send`] sends without copying.
+/// of `len` bytes, which a [`FiledSlice`] sends without copying.
 ///
 /// # Errors
 /// The file could not be made (no `memfd_create` under a seccomp profile,
@@ -179,15 +179,6 @@ impl FiledSlice {
     }
 }
 
-/// Writes `slice` to `socket` with `sendfile` if it lies in a filed list:
-/// `None` if it does not (the caller writes it as usual).
-///
-/// # Errors
-/// As [`FiledSlice::send`].
-pub fn send(socket: BorrowedFd<'_>, slice: &[u8]) -> Option<io::Result<usize>> {
-    FiledSlice::find(slice).map(|filed| filed.send(socket))
-}
-
 /// Whether `slice` lies in a filed list.
 pub fn is_filed(slice: &[u8]) -> bool {
     lookup(slice).is_some()
@@ -270,12 +261,16 @@ mod tests {
         });
         let mut sent = 0;
         while sent < slice.len() {
-            sent += send(a.as_fd(), &slice[sent..])
+            sent += FiledSlice::find(&slice[sent..])
                 .expect("a filed slice")
+                .send(a.as_fd())
                 .expect("sendfile");
         }
         assert_eq!(reader.join().expect("reader"), slice);
-        assert!(send(a.as_fd(), b"heap").is_none());
+        assert!(
+            FiledSlice::find(b"heap").is_none(),
+            "heap bytes are sent as usual"
+        );
     }
 
     #[test]
@@ -294,8 +289,9 @@ mod tests {
         });
         let (mut sent, mut calls) = (0, 0);
         while sent < slice.len() {
-            let took = send(a.as_fd(), &slice[sent..])
+            let took = FiledSlice::find(&slice[sent..])
                 .expect("a filed slice")
+                .send(a.as_fd())
                 .expect("sendfile");
             assert!(took <= MAX_SEND, "{took} bytes in one call");
             sent += took;

@@ -636,8 +636,7 @@ impl Store {
     /// than the broadcast keeps (`backlog`, rounded up to a power of two
     /// as the channel does).
     pub fn lost_notices(&self, position: u64) -> bool {
-        let sent = self.sent.load(std::sync::atomic::Ordering::Acquire);
-        sent.saturating_sub(position) > self.backlog.next_power_of_two() as u64
+        self.notices_sent().saturating_sub(position) > self.backlog.next_power_of_two() as u64
     }
 
     /// Notices sent so far: a watcher that has taken them all is at this position.

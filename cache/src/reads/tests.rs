@@ -1536,14 +1536,16 @@ fn options_a_current_api_server_refuses_get_its_422() {
     }
 }
 
+/// kache's 422 for options a current API server refuses, in `encoding`.
+fn refused_options(uri: &str, encoding: Encoding) -> Response<Bytes> {
+    let plan = plan_for(uri, None).expect("plan");
+    invalid(plan.invalid.as_ref().expect("invalid"), encoding)
+}
+
 #[test]
 fn the_422_is_the_api_servers_status_in_the_reads_encoding() {
-    let plan = plan_for(
-        "/api/v1/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true",
-        None,
-    )
-    .expect("plan");
-    let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Json);
+    const URI: &str = "/api/v1/pods?watch=true&sendInitialEvents=true&allowWatchBookmarks=true";
+    let answer = refused_options(URI, Encoding::Json);
     assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(answer.headers()[header::CONTENT_TYPE], "application/json");
     assert_eq!(
@@ -1555,7 +1557,7 @@ fn the_422_is_the_api_servers_status_in_the_reads_encoding() {
          \"FieldValueForbidden\",\"message\":\"Forbidden: sendInitialEvents requires setting \
          resourceVersionMatch to NotOlderThan\",\"field\":\"resourceVersionMatch\"}]},\"code\":422}\n"
     );
-    let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Protobuf);
+    let answer = refused_options(URI, Encoding::Protobuf);
     assert_eq!(answer.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
         answer.headers()[header::CONTENT_TYPE],
@@ -1592,12 +1594,10 @@ fn the_422_is_the_api_servers_status_in_the_reads_encoding() {
 #[test]
 fn a_422_has_a_cause_per_error_and_names_each_once() {
     // A list: four errors, as `ValidateListOptions` finds them in order.
-    let plan = plan_for(
+    let answer = refused_options(
         "/api/v1/pods?sendInitialEvents=true&resourceVersionMatch=Bogus&continue=abc",
-        None,
-    )
-    .expect("plan");
-    let answer = invalid(plan.invalid.as_ref().expect("invalid"), Encoding::Json);
+        Encoding::Json,
+    );
     let body: serde_json::Value = serde_json::from_slice(answer.body()).expect("json");
     let causes: Vec<(String, String)> = body["details"]["causes"]
         .as_array()
