@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -132,21 +133,20 @@ pub async fn serve<H, F>(
                     }
                     // Boxed, as every state but plain HTTP/1's (the TLS
                     // handshake, TLS streams, HTTP/2): a connection's task is
-                    // as large as its largest state.
+                    // as large as its largest state, and this one's (the TLS
+                    // stream alone is 1.2 KB) would be every plain
+                    // connection's as well.
                     Some(acceptor) => {
-                        if let Some(tls) = Box::pin(tls_accept(&acceptor, stream)).await {
-                            let (_, session) = tls.get_ref();
-                            let certificates = session
-                                .peer_certificates()
-                                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
-                            // HTTP/2 over TLS is chosen by ALPN (RFC 9113 §3.2).
-                            let version = match session.alpn_protocol() {
-                                Some(b"h2") => Version::Http2,
-                                _ => Version::Http1,
-                            };
-                            let service = service(Arc::new(Connection::new(certificates)));
-                            Box::pin(protocols.serve(version, tls, service, shutdown)).await;
-                        }
+                        Box::pin(async move {
+                            if let Some(tls) = tls_accept(&acceptor, stream).await {
+                                let (tls, version, certificates) = negotiated(tls);
+                                let service = service(Arc::new(Connection::new(certificates)));
+                                // Boxed apart: `serve` keeps its arguments for
+                                // as long as it runs.
+                                protocols.serve(version, Box::pin(tls), service, shutdown).await;
+                            }
+                        })
+                        .await
                     }
                 }
                 drop(open);
@@ -169,10 +169,9 @@ pub async fn serve<H, F>(
     }
 }
 
-async fn tls_accept(
-    acceptor: &TlsAcceptor,
-    stream: TcpStream,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+async fn tls_accept(acceptor: &TlsAcceptor, stream: TcpStream) -> Option<TlsStream> {
     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(error)) => {
@@ -184,6 +183,22 @@ async fn tls_accept(
             None
         }
     }
+}
+
+/// What a TLS client settled in its handshake: the HTTP version ALPN chose
+/// (RFC 9113 §3.2) and its verified certificates. The stream goes in and
+/// out by value: borrowed in the connection's task, it would keep a slot
+/// there across every later await.
+fn negotiated(tls: TlsStream) -> (TlsStream, Version, Option<Vec<CertificateDer<'static>>>) {
+    let (_, session) = tls.get_ref();
+    let certificates = session
+        .peer_certificates()
+        .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+    let version = match session.alpn_protocol() {
+        Some(b"h2") => Version::Http2,
+        _ => Version::Http1,
+    };
+    (tls, version, certificates)
 }
 
 /// The HTTP versions kache serves.
@@ -272,13 +287,13 @@ impl Protocols {
         let io = TokioIo::new(io);
         match version {
             Version::Http1 => {
-                let connection = self.http1.serve_connection(io, service).with_upgrades();
+                let connection = std::pin::pin!(self.http1.serve_connection(io, service).with_upgrades());
                 drive(connection, shutdown, |c| c.graceful_shutdown()).await;
             }
             // Boxed: see the listener's loop.
             Version::Http2 => {
-                let connection = self.http2.serve_connection(io, service);
-                Box::pin(drive(connection, shutdown, |c| c.graceful_shutdown())).await;
+                let mut connection = Box::pin(self.http2.serve_connection(io, service));
+                drive(connection.as_mut(), shutdown, |c| c.graceful_shutdown()).await;
             }
         }
     }
@@ -286,11 +301,18 @@ impl Protocols {
 
 /// Drives a connection until it ends, or until kache shuts down and it has
 /// finished its in-flight requests.
-async fn drive<C>(connection: C, mut shutdown: watch::Receiver<bool>, graceful: impl FnOnce(Pin<&mut C>))
-where
+///
+/// The connection is pinned where its caller holds it: an async fn keeps
+/// its arguments for as long as it runs, so one taken by value and pinned
+/// here would be held twice, in every connection's task (hyper's HTTP/1
+/// connection is 640 bytes).
+async fn drive<C>(
+    mut connection: Pin<&mut C>,
+    mut shutdown: watch::Receiver<bool>,
+    graceful: impl FnOnce(Pin<&mut C>),
+) where
     C: Future<Output = Result<(), hyper::Error>>,
 {
-    tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
