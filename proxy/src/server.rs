@@ -351,6 +351,17 @@ mod tests {
 
     use super::*;
 
+    /// A plain listener's settings.
+    fn plain_settings() -> ListenerSettings {
+        ListenerSettings {
+            name: "test",
+            tls: None,
+            header_read_timeout: Duration::from_secs(5),
+            max_header_bytes: 1 << 20,
+            max_connections: 16,
+        }
+    }
+
     /// A connected pair: the client's end and the server's.
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -409,13 +420,7 @@ mod tests {
     async fn a_plain_connection_task_stays_small() {
         let (_client, server) = pair().await;
         let peer = server.peer_addr().expect("peer");
-        let settings = ListenerSettings {
-            name: "test",
-            tls: None,
-            header_read_timeout: Duration::from_secs(5),
-            max_header_bytes: 1 << 20,
-            max_connections: 16,
-        };
+        let settings = plain_settings();
         let protocols = Arc::new(Protocols::new(&settings));
         let (_stop, stopped) = watch::channel(false);
         let handler = |_, _: Request<Incoming>| async { Response::new(crate::body::empty()) };
@@ -431,13 +436,7 @@ mod tests {
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}/version", listener.local_addr().expect("addr"));
-        let settings = ListenerSettings {
-            name: "test",
-            tls: None,
-            header_read_timeout: Duration::from_secs(5),
-            max_header_bytes: 1 << 20,
-            max_connections: 16,
-        };
+        let settings = plain_settings();
         let (stop, stopped) = watch::channel(false);
         let server = tokio::spawn(serve(
             listener,
