@@ -38,7 +38,36 @@ async fn the_budget_counts_what_resident_memory_shows() {
         })
         .await;
 
-    let kache = Kache::start(&c.admin_kubeconfig);
+    // Memory freed before the fill (the warm-up's) may be taken again by
+    // the store without RSS growing: that hides growth, never adds to it.
+    // So a trial under the bound is tried again with a fresh kache; one
+    // over it fails at once.
+    let mut ratios = Vec::new();
+    for _ in 0..3 {
+        let ratio = trial(&c.admin_kubeconfig, ns.name(), &collection).await;
+        assert!(
+            ratio < 1.2,
+            "the budget counts less than kache's resident memory grew by: {ratio:.2}×"
+        );
+        ratios.push(ratio);
+        if ratio >= 0.85 {
+            break;
+        }
+    }
+    // Measured 1.07–1.12× (2.06× when objects were parsed whole and their
+    // bookkeeping not counted, 1.23× with labels and fields in trees of
+    // owned strings); what is left is the allocator's. The goal is 15 %;
+    // the bound leaves RSS's noise a margin and still fails the tree layout.
+    assert!(
+        ratios.iter().any(|r| (0.85..1.2).contains(r)),
+        "resident memory grew by {ratios:.2?}× what the budget counts"
+    );
+}
+
+/// Caches the collection in a fresh kache: its RSS growth over what the
+/// budget counts for it.
+async fn trial(kubeconfig: &std::path::Path, ns: &str, collection: &str) -> f64 {
+    let kache = Kache::start(kubeconfig);
     let list = format!("{}{collection}?resourceVersion=0&limit=1", kache.url());
     // Warm up kache's other state (discovery, connections) with another
     // resource, and its transport with the same list passed through (a
@@ -84,12 +113,5 @@ async fn the_budget_counts_what_resident_memory_shows() {
         growth as f64 / 1e6,
         counted as f64 / 1e6
     );
-    // Measured 1.07–1.12× (2.06× when objects were parsed whole and their
-    // bookkeeping not counted, 1.23× with labels and fields in trees of
-    // owned strings); what is left is the allocator's. The goal is 15 %;
-    // the bound leaves RSS's noise a margin and still fails the tree layout.
-    assert!(
-        (0.85..1.2).contains(&ratio),
-        "the budget counts {counted} bytes for {growth} bytes of resident memory ({ratio:.2}×)"
-    );
+    ratio
 }
