@@ -21,7 +21,6 @@
 //! resources). Each encoding is rendered from a store of its own.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -921,18 +920,19 @@ pub fn watch(
         seen: resource_version,
         feed: Feed::new(feed),
         queued: VecDeque::new(),
-        deadline,
-        bookmark_timer: next_bookmark.map(|at| Box::pin(tokio::time::sleep_until(at))),
         bookmarks,
-        bookmark_interval: settings.bookmark_interval,
+        bookmark_due: false,
         ending: false,
-        timers_registered: false,
         events: Events::default(),
         position,
         _end: OnEnd(Some(Box::new(on_end))),
     };
     let events = watcher.events.clone();
-    let slot = Slot::new(watcher, deadline);
+    let bookmarks = next_bookmark.map(|first| Bookmarks {
+        first,
+        interval: settings.bookmark_interval,
+    });
+    let slot = Slot::new(watcher, deadline, bookmarks);
     let mut response = watch_response(Box::pin(WatchBody(slot)), encoding);
     response.extensions_mut().insert(events);
     Ok(response)
@@ -954,8 +954,8 @@ impl Drop for OnEnd {
 const KEEPER_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A watch's watcher, shared by its body, which reads it whenever the
-/// client's connection takes more, and its keeper, a task that lets go of
-/// it for a client that stopped reading.
+/// client's connection takes more, and its keeper, a task that keeps the
+/// watch's time and lets go of it for a client that stopped reading.
 ///
 /// hyper polls a body only when the client's socket takes more. A watcher
 /// whose client stopped reading is not polled, so it cannot end itself: it
@@ -969,11 +969,15 @@ const KEEPER_INTERVAL: Duration = Duration::from_secs(10);
 /// (the broadcast's own condition for a lost notice), or once the store was
 /// stopped and the watcher did not take the store's last notice within a
 /// whole interval, it drops the watcher (`on_end` runs) and wakes the body,
-/// which ends the stream when polled. This also ends a watch at its
-/// deadline: the watcher keeps no timer of its own for it.
+/// which ends the stream when polled.
+///
+/// The keeper is also the watch's only timer: it ends the watch at its
+/// deadline, and marks each bookmark due at its time. The body reads no
+/// clock and polls no timer of its own for each event it sends.
 struct Slot {
     watcher: std::sync::Mutex<Option<Box<Watcher>>>,
-    /// The body's waker, for the keeper to wake when it lets go.
+    /// The body's waker, for the keeper to wake when it lets go or marks a
+    /// bookmark due.
     waker: futures::task::AtomicWaker,
     /// The watcher's position in the store's notices, as of its last poll
     /// (see [`Store::lost_notices`]).
@@ -981,8 +985,15 @@ struct Slot {
     keeper: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
+/// When a watch's bookmarks fall due: the first, then every `interval`
+/// (see [`next_bookmark_at`]).
+struct Bookmarks {
+    first: Instant,
+    interval: Duration,
+}
+
 impl Slot {
-    fn new(watcher: Watcher, deadline: Instant) -> Arc<Slot> {
+    fn new(watcher: Watcher, deadline: Instant, bookmarks: Option<Bookmarks>) -> Arc<Slot> {
         let store = Arc::downgrade(&watcher.store);
         let slot = Arc::new(Slot {
             position: std::sync::atomic::AtomicU64::new(watcher.position),
@@ -990,48 +1001,77 @@ impl Slot {
             waker: futures::task::AtomicWaker::new(),
             keeper: std::sync::OnceLock::new(),
         });
-        let keeper = tokio::spawn(Slot::keep(Arc::downgrade(&slot), store, deadline));
+        let keeper = tokio::spawn(Slot::keep(Arc::downgrade(&slot), store, deadline, bookmarks));
         let _ = slot.keeper.set(keeper.abort_handle());
         slot
     }
 
-    /// The keeper's checks, until the watch ends or it lets go.
-    async fn keep(slot: std::sync::Weak<Slot>, store: std::sync::Weak<Store>, deadline: Instant) {
+    /// The keeper: bookmarks marked due and checks, until the watch ends or
+    /// it lets go.
+    async fn keep(
+        slot: std::sync::Weak<Slot>,
+        store: std::sync::Weak<Store>,
+        deadline: Instant,
+        bookmarks: Option<Bookmarks>,
+    ) {
+        let interval = bookmarks.as_ref().map(|b| b.interval);
+        let mut next_bookmark = bookmarks.map(|b| b.first);
+        let check_after = |now: Instant| {
+            now.checked_add(KEEPER_INTERVAL)
+                .map_or(deadline, |at| at.min(deadline))
+        };
+        let mut next_check = check_after(Instant::now());
         // The watcher's position when the store was last seen stopped.
         let mut stopped_at = None;
         loop {
-            let next = Instant::now()
-                .checked_add(KEEPER_INTERVAL)
-                .map_or(deadline, |at| at.min(deadline));
-            tokio::time::sleep_until(next).await;
+            tokio::time::sleep_until(next_bookmark.map_or(next_check, |at| at.min(next_check))).await;
             let Some(slot) = slot.upgrade() else {
                 return;
             };
+            let now = Instant::now();
             // Under the lock: the body stores its position before it lets go
-            // of the lock, so a poll under way is not mistaken for a stall.
+            // of the lock, so a poll under way is not mistaken for a stall;
+            // and it registers its waker there before it waits, so the wake
+            // that follows reaches it.
             let mut guard = slot
                 .watcher
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let position = slot.position.load(std::sync::atomic::Ordering::Acquire);
-            let let_go = Instant::now() >= deadline
-                || match store.upgrade() {
-                    None => true,
-                    Some(store) if store.lost_notices(position) => true,
-                    Some(store) if store.is_closed() => {
-                        let waited = stopped_at == Some(position) && position < store.notices_sent();
-                        stopped_at = Some(position);
-                        waited
+            let mut marked = false;
+            if let (Some(due), Some(interval)) = (next_bookmark, interval) {
+                if now >= due {
+                    if let Some(watcher) = guard.as_mut() {
+                        watcher.bookmark_due = true;
+                        marked = true;
                     }
-                    Some(_) => false,
-                };
-            if let_go {
-                // Dropped out of the lock (`on_end` runs); then the body is
-                // woken to end the stream.
-                let watcher = guard.take();
-                drop(guard);
-                drop(watcher);
+                    next_bookmark = next_bookmark_at(now, interval, deadline).filter(|at| *at > due);
+                }
+            }
+            let let_go = now >= next_check && {
+                next_check = check_after(now);
+                let position = slot.position.load(std::sync::atomic::Ordering::Acquire);
+                now >= deadline
+                    || match store.upgrade() {
+                        None => true,
+                        Some(store) if store.lost_notices(position) => true,
+                        Some(store) if store.is_closed() => {
+                            let waited = stopped_at == Some(position) && position < store.notices_sent();
+                            stopped_at = Some(position);
+                            waited
+                        }
+                        Some(_) => false,
+                    }
+            };
+            // The watcher is dropped out of the lock (`on_end` runs), and
+            // the body woken after it: to end the stream, or to send the
+            // bookmark.
+            let watcher = if let_go { guard.take() } else { None };
+            drop(guard);
+            drop(watcher);
+            if let_go || marked {
                 slot.waker.wake();
+            }
+            if let_go {
                 return;
             }
         }
@@ -1063,7 +1103,6 @@ impl futures::Stream for WatchBody {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let slot = &self.0;
-        slot.waker.register(cx.waker());
         let mut watcher = slot
             .watcher
             .lock()
@@ -1084,7 +1123,12 @@ impl futures::Stream for WatchBody {
                 drop(ended);
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            // Registered under the lock, where the keeper changes the
+            // watcher: whatever it does after this wakes the body.
+            Poll::Pending => {
+                slot.waker.register(cx.waker());
+                Poll::Pending
+            }
         }
     }
 }
@@ -1116,16 +1160,13 @@ struct Watcher {
     /// Frames taken from the feed that did not fit in the last chunk (a
     /// relist's events); sent before anything else.
     queued: VecDeque<Bytes>,
-    /// When the watch ends; its keeper wakes the body then.
-    deadline: Instant,
-    bookmark_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The client asked for bookmarks.
     bookmarks: bool,
-    bookmark_interval: Duration,
+    /// A bookmark fell due: set by the keeper, which keeps the watch's
+    /// time; sent once everything taken is on its way.
+    bookmark_due: bool,
     /// The watch ends once what it has taken is sent.
     ending: bool,
-    /// The timers were polled once: they fire (and wake the watch) from now.
-    timers_registered: bool,
     /// The frames handed out, for the proxy's accounting.
     events: Events,
     /// The store's notices taken so far, counted from the store's first.
@@ -1138,24 +1179,11 @@ impl Watcher {
     /// The next chunk of frames: up to [`MAX_SLICES`] slices of whatever
     /// is ready (the rest of the replay, the notices the store has
     /// broadcast since, a bookmark that fell due); `None` when the watch
-    /// ends — at its deadline with a clean end of stream, never an ERROR
-    /// event.
+    /// ends with a clean end of stream, never an ERROR event.
     ///
-    /// The bookmark timer is polled (its waker registered) at the first call
-    /// and on the way to `Pending`; in between, whether it fired is read
-    /// without polling it: each event costs one poll of it, not two. The
-    /// deadline is only compared with the clock: the watch's keeper wakes
-    /// the body at it.
+    /// No clock is read and no timer polled here: the watch's keeper marks
+    /// a bookmark due, and lets go of the watcher at its deadline.
     fn poll_frames(&mut self, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
-        if !self.timers_registered {
-            self.timers_registered = true;
-            if let Some(timer) = self.bookmark_timer.as_mut() {
-                let _ = timer.as_mut().poll(cx);
-            }
-        }
-        if Instant::now() >= self.deadline {
-            return Poll::Ready(None);
-        }
         let mut chunk = Chunk::default();
         let mut events = 0;
         while chunk.slice_count() < MAX_SLICES {
@@ -1178,7 +1206,7 @@ impl Watcher {
             self.queued = VecDeque::new();
         }
         if self.live && self.queued.is_empty() && !self.ending {
-            if let Some(frame) = self.bookmark(cx, chunk.is_empty()) {
+            if let Some(frame) = self.bookmark() {
                 chunk.push(frame);
                 events += 1;
             }
@@ -1186,7 +1214,7 @@ impl Watcher {
         if !chunk.is_empty() {
             self.events.add(events);
             Poll::Ready(Some(chunk))
-        } else if self.ending || Instant::now() >= self.deadline {
+        } else if self.ending {
             Poll::Ready(None)
         } else {
             Poll::Pending
@@ -1266,28 +1294,11 @@ impl Watcher {
     }
 
     /// A bookmark, if one fell due and the store moved past the watch's
-    /// version; the next one is scheduled (the one before the deadline is
-    /// the last). Asked only once everything taken is queued for the client:
+    /// version. Asked only once everything taken is queued for the client:
     /// a bookmark never runs ahead of the events up to its version.
-    ///
-    /// The timer is polled when `polling` (the watch is about to wait), else
-    /// only read.
-    fn bookmark(&mut self, cx: &mut Context<'_>, polling: bool) -> Option<Bytes> {
-        let timer = self.bookmark_timer.as_mut()?;
-        let fired = if polling {
-            timer.as_mut().poll(cx).is_ready()
-        } else {
-            timer.is_elapsed()
-        };
-        if !fired {
+    fn bookmark(&mut self) -> Option<Bytes> {
+        if !std::mem::take(&mut self.bookmark_due) {
             return None;
-        }
-        let due = timer.deadline();
-        let deadline = self.deadline;
-        match next_bookmark_at(Instant::now(), self.bookmark_interval, deadline).filter(|at| *at > due) {
-            // Registered again for its new instant.
-            Some(at) => timer.as_mut().reset(at),
-            None => self.bookmark_timer = None,
         }
         (self.seen > self.started_at).then(|| self.frames.bookmark(&self.store, self.seen))
     }
