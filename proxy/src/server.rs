@@ -308,7 +308,7 @@ impl Protocols {
                 let connection = std::pin::pin!(self.http1.serve_connection(io, service).with_upgrades());
                 drive(connection, shutdown, |c| c.graceful_shutdown()).await;
             }
-            // Boxed: see the listener's loop.
+            // Boxed: see `connection`.
             Version::Http2 => {
                 let mut connection = Box::pin(self.http2.serve_connection(io, service));
                 drive(connection.as_mut(), shutdown, |c| c.graceful_shutdown()).await;
