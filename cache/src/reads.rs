@@ -979,9 +979,6 @@ struct Slot {
     /// The body's waker, for the keeper to wake when it lets go or marks a
     /// bookmark due.
     waker: futures::task::AtomicWaker,
-    /// The watcher's position in the store's notices, as of its last poll
-    /// (see [`Store::lost_notices`]).
-    position: std::sync::atomic::AtomicU64,
     keeper: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
@@ -996,7 +993,6 @@ impl Slot {
     fn new(watcher: Watcher, deadline: Instant, bookmarks: Option<Bookmarks>) -> Arc<Slot> {
         let store = Arc::downgrade(&watcher.store);
         let slot = Arc::new(Slot {
-            position: std::sync::atomic::AtomicU64::new(watcher.position),
             watcher: std::sync::Mutex::new(Some(Box::new(watcher))),
             waker: futures::task::AtomicWaker::new(),
             keeper: std::sync::OnceLock::new(),
@@ -1029,27 +1025,29 @@ impl Slot {
                 return;
             };
             let now = Instant::now();
-            // Under the lock: the body stores its position before it lets go
-            // of the lock, so a poll under way is not mistaken for a stall;
-            // and it registers its waker there before it waits, so the wake
-            // that follows reaches it.
+            // Under the lock, which the body holds while it polls: a poll
+            // under way is not mistaken for a stall, and the body registers
+            // its waker there before it waits, so the wake that follows
+            // reaches it.
             let mut guard = slot
                 .watcher
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Ended by its body: nothing left to keep.
+            let Some(watcher) = guard.as_mut() else {
+                return;
+            };
             let mut marked = false;
             if let (Some(due), Some(interval)) = (next_bookmark, interval) {
                 if now >= due {
-                    if let Some(watcher) = guard.as_mut() {
-                        watcher.bookmark_due = true;
-                        marked = true;
-                    }
+                    watcher.bookmark_due = true;
+                    marked = true;
                     next_bookmark = next_bookmark_at(now, interval, deadline).filter(|at| *at > due);
                 }
             }
             let let_go = now >= next_check && {
                 next_check = check_after(now);
-                let position = slot.position.load(std::sync::atomic::Ordering::Acquire);
+                let position = watcher.position;
                 now >= deadline
                     || match store.upgrade() {
                         None => true,
@@ -1110,10 +1108,7 @@ impl futures::Stream for WatchBody {
         let Some(running) = watcher.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = running.poll_frames(cx);
-        slot.position
-            .store(running.position, std::sync::atomic::Ordering::Release);
-        match polled {
+        match running.poll_frames(cx) {
             Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(chunk))),
             Poll::Ready(None) => {
                 // Ended: the store's feed and the replay are let go of now,
